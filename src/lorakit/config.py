@@ -1,0 +1,179 @@
+"""LoraConfig: the adapter's hyper-parameters, validated, with PEFT-compatible JSON in and out.
+
+Field names, defaults and meanings follow PEFT's `LoraConfig` so that an `adapter_config.json`
+written by either library loads in the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+CONFIG_NAME = "adapter_config.json"
+
+# Default targets when `target_modules` is None, by `model.config.model_type`.
+# Values as published in PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "t5": ["q", "v"],
+}
+
+Targets = Union[list[str], set[str], str, None]
+
+# Keys PEFT writes that carry no meaning for plain LoRA at these values, or are metadata.
+_IGNORED_KEYS = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
+
+
+@dataclass
+class LoraConfig:
+    """Which modules get a LoRA adapter and how it is shaped, initialised and scaled."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: Targets = None
+    exclude_modules: Targets = None
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | Literal["gaussian"] = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    task_type: str | None = None
+    peft_type: str = "LORA"
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        # Copy containers so that later changes to the caller's lists never reach us.
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, (list, tuple)):
+            self.layers_to_transform = list(self.layers_to_transform)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value is invalid."""
+        _positive("r", self.r, integer=True)
+        _positive("lora_alpha", self.lora_alpha)
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        if self.peft_type != "LORA":
+            raise ValueError(f"peft_type must be 'LORA' for a LoraConfig, got {self.peft_type!r}")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("lora_bias=True is not supported together with use_dora=True")
+        for key, value in self.rank_pattern.items():
+            _positive(f"rank_pattern[{key!r}]", value, integer=True)
+        for key, value in self.alpha_pattern.items():
+            _positive(f"alpha_pattern[{key!r}]", value)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is only used together with layers_to_transform")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, set)):
+                raise ValueError(f"{name} must be a list of names or a regex string, got {type(value).__name__}")
+
+    # -- JSON --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(out[name], set):
+                out[name] = sorted(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Build from a dict; keys we do not know (newer PEFT/lorakit fields) warn and are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(
+            k for k in data if k not in known and k not in _IGNORED_KEYS and data[k] not in (None, {}, [], False)
+        )
+        if unknown:
+            warnings.warn(
+                f"adapter config keys not understood by lorakit were ignored: {', '.join(unknown)}",
+                stacklevel=2,
+            )
+        if data.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"adapter is of peft_type {data['peft_type']!r}; lorakit loads LORA adapters only")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        from .io import atomic_write_bytes
+
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+    # -- per-module values -------------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+
+def _positive(name: str, value: Any, integer: bool = False) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not value > 0 or not math.isfinite(value):
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key applies when it matches the end of the module's dotted name."""
+    import re
+
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

@@ -1,0 +1,442 @@
+"""LoRA wrappers around an existing layer (`base_layer`): Linear, transformers' Conv1D, Embedding.
+
+Each wrapper keeps the frozen base layer untouched and holds any number of named adapters in
+PEFT's layout (`lora_A[name]`, `lora_B[name]`, …), so `state_dict` keys read like PEFT's.
+Which adapters run is decided per call by `routing.current_route()`, falling back to the
+layer's own `active_adapters`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as LF
+from .routing import BASE, Route, current_route
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain PyTorch models
+        return None
+    return Conv1D
+
+
+class LoraLayer(nn.Module):
+    """What every LoRA wrapper shares: bookkeeping of named adapters, routing, merge state."""
+
+    adapter_attrs: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+
+    # -- adapters -----------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                item = container[name]
+                params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
+        return weight.device, dtype
+
+    # -- routing ------------------------------------------------------------------------------
+    def _requested(self) -> Route:
+        route = current_route()
+        if route is None:
+            return Route(names=tuple(self.active_adapters))
+        return route
+
+    def _check_merge_state(self, names: tuple[str, ...]) -> bool:
+        """True when the merged weights already are what this call asks for."""
+        if not self.merged_adapters:
+            return False
+        wanted = [n for n in names if n in self.r]
+        if sorted(wanted) == sorted(self.merged_adapters):
+            return True
+        raise ValueError(
+            f"adapter(s) {self.merged_adapters} are merged into the base weights, but this call asks for "
+            f"{wanted or 'the base model'}; call unmerge_adapter() first"
+        )
+
+    # -- merge --------------------------------------------------------------------------------
+    def get_delta_weight(self, name: str) -> Tensor:
+        raise NotImplementedError
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
+        for name in names:
+            self._merge_one(name, safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def _merge_one(self, name: str, safe_merge: bool) -> None:
+        weight = self.base_layer.weight
+        new = LF.merge(weight.data, self.get_delta_weight(name))
+        _assign(weight, new, safe_merge, name)
+
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.data = LF.unmerge(weight.data, self.get_delta_weight(name))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.r)
+
+
+def _assign(param: nn.Parameter, value: Tensor, safe_merge: bool, name: str) -> None:
+    if safe_merge and not torch.isfinite(value).all():
+        raise ValueError(f"merging adapter {name!r} produced NaN or inf weights; the model was left unchanged")
+    param.data = value.to(param.dtype)
+
+
+class Linear(LoraLayer):
+    """LoRA around a linear map: nn.Linear (W is (out, in)) or GPT-2's Conv1D (W is (in, out))."""
+
+    adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        if fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.out_features, self.in_features = base_layer.weight.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_norms: dict[str, Tensor] = {}
+        self._mixed_cache: tuple | None = None
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+    ) -> None:
+        if use_dora and self.fan_in_fan_out:
+            raise ValueError("use_dora=True is supported on nn.Linear layers only, not on transposed Conv1D")
+        device, dtype = self._adapter_device_dtype()
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = LF.lora_scaling(lora_alpha, r, use_rslora)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._init_weights(name, init_lora_weights)
+        if use_dora:
+            with torch.no_grad():
+                weight = self._weight_out_in().to(dtype)
+                norm = LF.dora_weight_norm(weight, self.get_delta_weight(name).to(dtype))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+        self._mixed_cache = None
+
+    def _init_weights(self, name: str, init: bool | str) -> None:
+        if init is False:  # keep nn.Linear's random init for both A and B (useful in tests)
+            return
+        A, B = self.lora_A[name], self.lora_B[name]
+        if A.weight.is_meta:
+            return
+        if init == "gaussian":
+            nn.init.normal_(A.weight, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+        nn.init.zeros_(B.weight)
+        if B.bias is not None:
+            nn.init.zeros_(B.bias)
+
+    def _weight_out_in(self) -> Tensor:
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def uses_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def get_delta_weight(self, name: str) -> Tensor:
+        return LF.delta_weight(
+            self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.fan_in_fan_out
+        )
+
+    # -- merge (DoRA and lora_bias need more than W += dW) ------------------------------------
+    def _merge_one(self, name: str, safe_merge: bool) -> None:
+        weight = self.base_layer.weight
+        if self.uses_dora(name):
+            new, norm = LF.dora_merge(weight.data, self.get_delta_weight(name), self.lora_magnitude_vector[name].data)
+            _assign(weight, new, safe_merge, name)
+            self._dora_norms[name] = norm
+        else:
+            super()._merge_one(name, safe_merge)
+        lora_bias = self.lora_B[name].bias
+        if lora_bias is not None:
+            base_bias = self.base_layer.bias
+            if base_bias is None:
+                raise ValueError(f"cannot merge lora_bias of adapter {name!r}: the base layer has no bias")
+            base_bias.data = base_bias.data + lora_bias.data.to(base_bias.dtype) * self.scaling[name]
+
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        if self.uses_dora(name):
+            norm = self._dora_norms.pop(name)
+            weight.data = LF.dora_unmerge(
+                weight.data, self.get_delta_weight(name), self.lora_magnitude_vector[name].data, norm
+            ).to(weight.dtype)
+        else:
+            super()._unmerge_one(name)
+        lora_bias = self.lora_B[name].bias
+        if lora_bias is not None:
+            base_bias = self.base_layer.bias
+            base_bias.data = base_bias.data - lora_bias.data.to(base_bias.dtype) * self.scaling[name]
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        request = self._requested()
+        if request.rows is not None:
+            return self._forward_mixed(x, request.rows, *args, **kwargs)
+        if self._check_merge_state(request.names):
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in request.names:
+            if name not in self.r:
+                continue
+            result = result + self._adapter_output(name, x, result).to(result.dtype)
+        return result
+
+    def _adapter_output(self, name: str, x: Tensor, base_result: Tensor) -> Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(A.weight.dtype))
+        lora = B(A(x))
+        if not self.uses_dora(name):
+            return lora * self.scaling[name]
+        return self._dora_output(name, x, lora, base_result)
+
+    def _dora_output(self, name: str, x: Tensor, lora: Tensor, base_result: Tensor) -> Tensor:
+        """DoRA's extra term: (m/||W + dW|| - 1) * x W^T + (m/||W + dW||) * scaling * lora.
+
+        The norm is detached, as the DoRA paper (sec. 4.3) and PEFT do, to save memory.
+        """
+        weight = self._weight_out_in().to(x.dtype)
+        with torch.no_grad():
+            norm = LF.dora_weight_norm(weight, self.get_delta_weight(name).to(x.dtype))
+        factor = self.lora_magnitude_vector[name] / norm  # (out,)
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = base_result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
+        else:  # PEFT's convention: with dropout active, the base term sees the dropped-out input
+            base = F.linear(x, weight)
+        return (factor - 1) * base + factor * lora * self.scaling[name]
+
+    def _forward_mixed(self, x: Tensor, rows: tuple[str, ...], *args, **kwargs) -> Tensor:
+        """One forward where batch row i uses adapter rows[i]: gathered A/B and two batched matmuls."""
+        if self.merged_adapters:
+            raise ValueError("mixed-adapter batches cannot run while adapters are merged; unmerge first")
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows")
+        result = self.base_layer(x, *args, **kwargs)
+        present = [n for n in dict.fromkeys(rows) if n in self.r]
+        if not present:
+            return result
+        if any(self.uses_dora(n) for n in present) or any(
+            not isinstance(self.lora_dropout[n], nn.Identity) for n in present if self.training
+        ):
+            raise ValueError("mixed-adapter batches support plain LoRA adapters in eval mode only (no DoRA)")
+        A_stack, B_stack, bias_stack = self._stacked(tuple(present))
+        slot = {n: i + 1 for i, n in enumerate(present)}  # slot 0 is the zero adapter
+        index = torch.tensor([slot.get(n, 0) for n in rows], device=x.device)
+        xa = x.to(A_stack.dtype)
+        flat = xa.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+        hidden = torch.bmm(flat, A_stack[index].transpose(1, 2))  # (batch, tokens, r_max)
+        out = torch.bmm(hidden, B_stack[index].transpose(1, 2))  # (batch, tokens, out)
+        if bias_stack is not None:
+            out = out + bias_stack[index].unsqueeze(1)
+        return result + out.reshape(result.shape).to(result.dtype)
+
+    def _stacked(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Adapters zero-padded to the largest rank, scaling folded into B; cached until weights change."""
+        params = [p for n in names for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        key = (names, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        if self._mixed_cache is not None and self._mixed_cache[0] == key:
+            return self._mixed_cache[1]
+        r_max = max(self.r[n] for n in names)
+        A0 = self.lora_A[names[0]].weight
+        A_stack = A0.new_zeros(len(names) + 1, r_max, self.in_features)
+        B_stack = A0.new_zeros(len(names) + 1, self.out_features, r_max)
+        has_bias = any(self.lora_B[n].bias is not None for n in names)
+        bias_stack = A0.new_zeros(len(names) + 1, self.out_features) if has_bias else None
+        with torch.no_grad():
+            for i, n in enumerate(names, start=1):
+                A_stack[i, : self.r[n]] = self.lora_A[n].weight
+                B_stack[i, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
+                if has_bias and self.lora_B[n].bias is not None:
+                    bias_stack[i] = self.lora_B[n].bias * self.scaling[n]
+        value = (A_stack, B_stack, bias_stack)
+        self._mixed_cache = (key, value)
+        return value
+
+
+class Embedding(LoraLayer):
+    """LoRA around nn.Embedding: the delta is a low-rank (num_embeddings, dim) table."""
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+    ) -> None:
+        if use_dora or lora_bias:
+            raise ValueError("use_dora and lora_bias are supported on linear layers only, not nn.Embedding")
+        device, dtype = self._adapter_device_dtype()
+        num, dim = self.base_layer.weight.shape
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = LF.lora_scaling(lora_alpha, r, use_rslora)
+        A = torch.empty(r, num, device=device, dtype=dtype)
+        B = torch.empty(dim, r, device=device, dtype=dtype)
+        if not A.is_meta:
+            if init_lora_weights is False:
+                nn.init.normal_(A), nn.init.normal_(B)
+            elif init_lora_weights == "gaussian":
+                nn.init.normal_(A), nn.init.zeros_(B)
+            else:  # PEFT's default for embeddings: A zero, B normal
+                nn.init.zeros_(A), nn.init.normal_(B)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+
+    def get_delta_weight(self, name: str) -> Tensor:
+        return LF.embedding_delta_weight(
+            self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
+        )
+
+    def _lookup(self, x: Tensor, table: Tensor) -> Tensor:
+        base = self.base_layer
+        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        request = self._requested()
+        result = self.base_layer(x, *args, **kwargs)
+        if request.rows is not None:
+            if self.merged_adapters:
+                raise ValueError("mixed-adapter batches cannot run while adapters are merged; unmerge first")
+            for name in dict.fromkeys(request.rows):  # embeddings are cheap: group rows by adapter
+                if name == BASE or name not in self.r:
+                    continue
+                mask = torch.tensor([n == name for n in request.rows], device=x.device)
+                delta = self._delta(name, x[mask]).to(result.dtype)
+                result = result.index_put((mask.nonzero().squeeze(1),), result[mask] + delta)
+            return result
+        if self._check_merge_state(request.names):
+            return result
+        for name in request.names:
+            if name in self.r:
+                result = result + self._delta(name, x).to(result.dtype)
+        return result
+
+    def _delta(self, name: str, x: Tensor) -> Tensor:
+        after_A = self._lookup(x, self.lora_embedding_A[name].T)  # (..., r)
+        return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A trainable copy of a whole module per adapter (PEFT's `modules_to_save`), e.g. a new head."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+
+    def add(self, name: str) -> None:
+        import copy
+
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        for p in self.modules_to_save[name].parameters():
+            p.requires_grad_(True)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _pick(self, names: tuple[str, ...]) -> nn.Module:
+        for name in names:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        route = current_route() or Route(names=tuple(self.active_adapters))
+        if route.rows is None:
+            return self._pick(route.names)(x, *args, **kwargs)
+        outputs = [self._pick((name,))(x[i : i + 1], *args, **kwargs) for i, name in enumerate(route.rows)]
+        return torch.cat(outputs, dim=0)
+
+
+def wrapper_for(module: nn.Module) -> LoraLayer:
+    """The LoRA wrapper for a module type; a clear error for types LoRA cannot wrap."""
+    conv1d = _conv1d_type()
+    if isinstance(module, nn.Linear):
+        return Linear(module, fan_in_fan_out=False)
+    if conv1d is not None and isinstance(module, conv1d):
+        return Linear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Embedding):
+        return Embedding(module)
+    raise TypeError(
+        f"cannot add LoRA to a {type(module).__name__}: supported layers are torch.nn.Linear, "
+        "torch.nn.Embedding and transformers' Conv1D"
+    )
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, (nn.Linear, nn.Embedding)) or (conv1d is not None and isinstance(module, conv1d))

@@ -1,0 +1,53 @@
+"""Converting a GGUF file into a cached safetensors model directory.
+
+Dequantising GGUF through transformers takes ~30 s; a safetensors directory loads in
+~1 s, so each GGUF file is converted once and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from pathlib import Path
+
+from .cache import build_dir_once, cache_dir
+from .tokens import ensure_pad_token
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise `gguf_path` to float32 and save model, tokenizer and chat template in `out_dir`."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"loading GGUF needs {', '.join(missing)}: pip install 'lorakit[gguf]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(src, gguf_file=name))
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype="float32")
+    # The weights are plain floats now; a kept quantization_config would make later
+    # loads look for the GGUF file again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.model_max_length > 10**20:  # GGUF gives no limit; the context length is one
+        tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def gguf_cache_path(gguf_path: Path) -> Path:
+    """Cache dir for a user GGUF file, keyed by its real path, size and mtime (edits invalidate it)."""
+    real = gguf_path.resolve()
+    st = real.stat()
+    key = hashlib.sha256(f"{real}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", real.stem)
+    return cache_dir() / "models" / f"gguf-{stem}-{key}"
+
+
+def converted_gguf_dir(gguf_path: Path, final: Path | None = None) -> Path:
+    """The converted model directory for `gguf_path`, converting on first use."""
+    final = final if final is not None else gguf_cache_path(gguf_path)
+    return build_dir_once(final, lambda tmp: convert_gguf(gguf_path, tmp))

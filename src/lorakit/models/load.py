@@ -1,0 +1,105 @@
+"""Turning a `--model` string into a loaded (model, tokenizer) pair."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+
+from .cache import cache_dir
+from .embedded import BUILTIN_MODELS, builtin_gguf_path
+from .gguf import converted_gguf_dir
+from .tokens import ensure_pad_token
+
+DType = Union[None, Literal["auto", "float32", "bfloat16", "float16"], torch.dtype]
+Device = Union[None, Literal["auto", "cpu", "cuda", "mps"], str, torch.device]
+
+# "name" or "org/name"; anything else that does not exist locally is a mistyped path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a `--model` value to what `from_pretrained` should get.
+
+    Built-in name -> its cached safetensors dir (converted on first use); a local
+    directory -> itself; a ``.gguf`` file -> its cached converted dir; a hub id ->
+    unchanged (only transformers touches the network, and only if the user has it).
+    """
+    builtins = ", ".join(BUILTIN_MODELS)
+    key = name_or_path.lower()
+    if key in BUILTIN_MODELS:
+        final = cache_dir() / "models" / key
+        return str(converted_gguf_dir(builtin_gguf_path(key), final))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return str(converted_gguf_dir(path))
+        raise ValueError(f"{name_or_path}: not a model directory or .gguf file")
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"model path not found: {name_or_path}")
+    if "/" not in name_or_path and difflib.get_close_matches(key, BUILTIN_MODELS, cutoff=0.7):
+        raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: {builtins}")
+    return name_or_path
+
+
+def _looks_like_path(s: str) -> bool:
+    """True for strings a hub id can never be: absolute/relative paths, .gguf names, backslashes."""
+    return (
+        s.lower().endswith(".gguf")
+        or s.startswith(("/", ".", "~"))
+        or "\\" in s
+        or (os.altsep is not None and os.altsep in s and os.altsep != "/")
+        or not _HUB_ID.match(s)
+    )
+
+
+def pick_device(device: Device = None) -> torch.device:
+    """`None`/"auto" -> cuda, then mps, then cpu; anything else as given."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    """`None`/"auto" -> bfloat16 on a CUDA GPU that supports it, else float32 (CPU, MPS)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def load_model(name_or_path: str, *, dtype: DType = None, device: Device = None):
+    """Load a causal LM and its tokenizer (pad token always set) from any `--model` value.
+
+    Returns ``(model, tokenizer)``; the model is in eval mode on `device`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    dev = pick_device(device)
+    try:
+        tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev))
+    except OSError as e:
+        if Path(path).is_dir():
+            raise
+        builtins = ", ".join(BUILTIN_MODELS)
+        raise OSError(
+            f"could not load {name_or_path!r} as a hub id (built-in models: {builtins}): {e}"
+        ) from e
+    return model.to(dev).eval(), tokenizer

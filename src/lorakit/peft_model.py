@@ -1,0 +1,286 @@
+"""PeftModel: a handle that behaves like the base model with its own adapter(s), PEFT's public API.
+
+Several handles may share one base model (and one LoraModel): each handle passes its adapter
+with every call (see routing.py), so handles never disturb each other, even across threads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .io import WEIGHTS_NAME, file_key, load_adapter_weights, save_tensors
+from .model import LoraModel, owner_of
+from .routing import BASE, per_row_adapters, use_adapters
+
+
+class PeftModel(nn.Module):
+    """The base model with LoRA adapters; `forward`, `generate` and attributes pass through."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self._adapters = [adapter_name]  # what this handle runs
+        self._owned = [adapter_name]  # what this handle saves; the first goes at the root
+
+    @classmethod
+    def _handle(cls, lora_model: LoraModel, adapter_name: str) -> "PeftModel":
+        handle = cls.__new__(cls)
+        nn.Module.__init__(handle)
+        handle.base_model = lora_model
+        handle._adapters = [adapter_name]
+        handle._owned = [adapter_name]
+        return handle
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self._adapters[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+        self._adapters = list(self.base_model.active_adapters)
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        self.base_model.add_adapter(adapter_name, peft_config)
+        self._owned.append(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+        self._owned = [a for a in self._owned if a != adapter_name]
+        if adapter_name in self._adapters:
+            self._adapters = [a for a in self._adapters if a != adapter_name] or list(self.base_model.active_adapters)
+
+    # -- running ------------------------------------------------------------------------------
+    @contextmanager
+    def _routed(self, adapter_names: Sequence[str] | None, expand: int = 1) -> Iterator[None]:
+        if adapter_names is None:
+            with use_adapters(self._adapters):
+                yield
+            return
+        unknown = [n for n in adapter_names if n != BASE and n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter {unknown[0]!r} in adapter_names; loaded: {', '.join(self.peft_config)}")
+        if self.base_model.model.training:
+            raise ValueError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
+        rows = [n for n in adapter_names for _ in range(expand)]
+        with per_row_adapters(rows):
+            yield
+
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        if adapter_names is not None:
+            _check_rows(adapter_names, args, kwargs)
+        with self._routed(adapter_names):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        expand = 1
+        if adapter_names is not None:
+            _check_rows(adapter_names, args, kwargs)
+            expand = _generation_expansion(self.base_model.model, kwargs)
+        with self._routed(adapter_names, expand):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        with self.base_model.disable_adapter():
+            with use_adapters(()):
+                yield
+
+    # -- counting -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names or self._adapters, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def _shared(self) -> bool:
+        return any(name not in self._owned for name in self.peft_config)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge this handle's adapter(s) and return a plain model.
+
+        On a base that only this handle uses, the base is merged in place (PEFT's behaviour, no copy).
+        On a base shared with other handles, the merge happens on a copy: the shared base and the
+        other handles keep working unchanged.
+        """
+        names = list(adapter_names) if adapter_names is not None else list(self._adapters)
+        if not self._shared():
+            return self.base_model.merge_and_unload(progressbar, safe_merge, names)
+        lora_copy = _detached_copy(self.base_model)
+        return lora_copy.merge_and_unload(progressbar, safe_merge, names)
+
+    def unload(self) -> nn.Module:
+        if self._shared():
+            raise ValueError("unload() would strip the adapters of other handles sharing this base model")
+        return self.base_model.unload()
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None, svd_clamp=None):
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp)
+        self._owned.append(adapter_name)
+
+    # -- files --------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None, **_: Any
+    ) -> None:
+        """PEFT's layout: the handle's first adapter at the root, any others in sub-folders by name."""
+        names = list(selected_adapters) if selected_adapters is not None else list(self._owned)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file, not a directory")
+        for name in names:
+            self.base_model._check_name(name)
+            root = name == self._owned[0] or (name == "default" and self._owned[0] not in names)
+            directory = save_directory if root else os.path.join(save_directory, name)
+            tensors = {file_key(k, name): v for k, v in self.base_model.adapter_state(name).items()}
+            config = self.peft_config[name]
+            os.makedirs(directory, exist_ok=True)
+            save_tensors(tensors, os.path.join(directory, WEIGHTS_NAME))
+            saved = LoraConfig.from_dict({**config.to_dict(), "inference_mode": True})
+            saved.save_pretrained(directory)
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
+    ) -> None:
+        _load_into(self.base_model, model_id, adapter_name, is_trainable)
+        self._owned.append(adapter_name)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        **_: Any,
+    ) -> "PeftModel":
+        """Load an adapter directory onto `model`.
+
+        If `model` already carries lorakit adapters (an earlier `from_pretrained` or `get_peft_model`
+        on it), the adapter is added to the same layers instead of wrapping them again, and the
+        returned handle runs only its own adapter. An adapter name already in use is replaced by one
+        made from the directory name.
+        """
+        if isinstance(model, PeftModel):
+            model = model.base_model.model
+        owner = owner_of(model)
+        if owner is None:
+            owner = LoraModel(model)
+        name = adapter_name if adapter_name not in owner.peft_config else _fresh_name(owner, model_id)
+        _load_into(owner, model_id, name, is_trainable, config)
+        if not owner.active_adapters:
+            owner.set_adapter(name)
+        handle = cls._handle(owner, name)
+        return handle
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
+    """Freeze `model`, add a trainable LoRA adapter, and return the PeftModel handle."""
+    if isinstance(model, PeftModel) or owner_of(model) is not None:
+        raise ValueError("this model already carries lorakit adapters; use add_adapter() on its PeftModel")
+    return PeftModel(model, peft_config, adapter_name)
+
+
+def _load_into(
+    owner: LoraModel, model_id, name: str, is_trainable: bool, config: LoraConfig | None = None
+) -> None:
+    model_id = os.fspath(model_id)
+    if not os.path.isdir(model_id):
+        raise FileNotFoundError(f"adapter directory not found: {model_id}")
+    config = config or LoraConfig.from_pretrained(model_id)
+    config.inference_mode = not is_trainable
+    tensors = load_adapter_weights(model_id)
+    owner.add_adapter(name, config)
+    try:
+        owner.load_adapter_state(name, tensors)
+    except Exception:
+        owner.delete_adapter(name)  # leave the model as it was
+        raise
+    owner.set_adapter(owner.active_adapters or [name])
+
+
+def _fresh_name(owner: LoraModel, model_id) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(os.path.normpath(os.fspath(model_id)))).strip("-")
+    stem = stem or "adapter"
+    name, i = stem, 2
+    while name in owner.peft_config:
+        name, i = f"{stem}-{i}", i + 1
+    return name
+
+
+def _detached_copy(lora_model: LoraModel) -> LoraModel:
+    """A deep copy of base + adapters that owns itself (for merging without touching the original)."""
+    import copy
+
+    owner_backup = lora_model.model.__dict__.pop("_lorakit_owner")
+    try:
+        model_copy = copy.deepcopy(lora_model.model)
+    finally:
+        lora_model.model.__dict__["_lorakit_owner"] = owner_backup
+    clone = LoraModel(model_copy)
+    clone.peft_config = {k: v for k, v in lora_model.peft_config.items()}
+    clone.active_adapters = list(lora_model.active_adapters)
+    return clone
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    return None
+
+
+def _check_rows(adapter_names: Sequence[str], args: tuple, kwargs: dict) -> None:
+    if isinstance(adapter_names, str):
+        raise ValueError("adapter_names must be a list with one adapter name per batch row")
+    batch = _batch_size(args, kwargs)
+    if batch is not None and batch != len(adapter_names):
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
+
+
+def _generation_expansion(model: nn.Module, kwargs: dict) -> int:
+    """How many rows `generate` makes of each input row (beams or returned sequences)."""
+    gen = getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1)) or 1
+    return max(beams, returned) if beams > 1 else returned
