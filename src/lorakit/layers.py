@@ -97,20 +97,34 @@ class LoraLayer(nn.Module):
     def get_delta_weight(self, name: str) -> Tensor:
         raise NotImplementedError
 
+    def _pending(self, adapter_names: list[str] | None) -> list[str]:
+        return [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
+
+    def merged_weight(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The base weight with adapter `name` merged in, plus what unmerging needs (DoRA's norm)."""
+        return LF.merge(weight, self.get_delta_weight(name)), None
+
+    def merge_is_finite(self, adapter_names: list[str] | None = None) -> bool:
+        """Would merging these adapters give finite weights? Computed aside, the layer is untouched."""
+        weight = self.base_layer.weight.data
+        for name in self._pending(adapter_names):
+            weight, _ = self.merged_weight(name, weight)
+        return bool(torch.isfinite(weight).all())
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
-        for name in names:
-            self._merge_one(name, safe_merge)
+        for name in self._pending(adapter_names):
+            if safe_merge and not self.merge_is_finite([name]):
+                raise ValueError(f"merging adapter {name!r} produced NaN or inf weights; the model was left unchanged")
+            self._merge_one(name)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             self._unmerge_one(self.merged_adapters.pop())
 
-    def _merge_one(self, name: str, safe_merge: bool) -> None:
+    def _merge_one(self, name: str) -> None:
         weight = self.base_layer.weight
-        new = LF.merge(weight.data, self.get_delta_weight(name))
-        _assign(weight, new, safe_merge, name)
+        weight.data, _ = self.merged_weight(name, weight.data)
 
     def _unmerge_one(self, name: str) -> None:
         weight = self.base_layer.weight
@@ -118,12 +132,6 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.r)
-
-
-def _assign(param: nn.Parameter, value: Tensor, safe_merge: bool, name: str) -> None:
-    if safe_merge and not torch.isfinite(value).all():
-        raise ValueError(f"merging adapter {name!r} produced NaN or inf weights; the model was left unchanged")
-    param.data = value.to(param.dtype)
 
 
 class Linear(LoraLayer):
@@ -199,14 +207,17 @@ class Linear(LoraLayer):
         )
 
     # -- merge (DoRA and lora_bias need more than W += dW) ------------------------------------
-    def _merge_one(self, name: str, safe_merge: bool) -> None:
+    def merged_weight(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.uses_dora(name):
+            return super().merged_weight(name, weight)
+        new, norm = LF.dora_merge(weight, self.get_delta_weight(name), self.lora_magnitude_vector[name].data)
+        return new.to(weight.dtype), norm
+
+    def _merge_one(self, name: str) -> None:
         weight = self.base_layer.weight
-        if self.uses_dora(name):
-            new, norm = LF.dora_merge(weight.data, self.get_delta_weight(name), self.lora_magnitude_vector[name].data)
-            _assign(weight, new, safe_merge, name)
+        weight.data, norm = self.merged_weight(name, weight.data)
+        if norm is not None:
             self._dora_norms[name] = norm
-        else:
-            super()._merge_one(name, safe_merge)
         lora_bias = self.lora_B[name].bias
         if lora_bias is not None:
             base_bias = self.base_layer.bias

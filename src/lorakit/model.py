@@ -12,7 +12,7 @@ from torch import nn
 from . import functional as LF
 from .config import LoraConfig
 from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper, wrapper_for
-from .routing import use_adapters
+from .routing import disabled
 from .targeting import find_targets, is_saved_module
 
 OWNER_ATTR = "_lorakit_owner"  # set on the base model so a second wrap finds the first
@@ -205,17 +205,13 @@ class LoraModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         for name in names:
             self._check_name(name)
-        done: list[tuple[LoraLayer, list[str]]] = []
-        try:
-            for _, layer in self.lora_layers():
-                before = list(layer.merged_adapters)
-                layer.merge(names, safe_merge=safe_merge)
-                done.append((layer, before))
-        except ValueError:  # safe_merge found a non-finite weight: put every layer back as it was
-            for layer, before in done:
-                layer.unmerge()
-                layer.merge(before)
-            raise
+        layers = [layer for _, layer in self.lora_layers()]
+        if safe_merge:  # check every layer first, so that a refusal leaves the model untouched
+            for layer in layers:
+                if not layer.merge_is_finite(names):
+                    raise ValueError(f"merging {names} would produce NaN or inf weights; the model was left unchanged")
+        for layer in layers:
+            layer.merge(names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
@@ -251,7 +247,7 @@ class LoraModel(nn.Module):
         merged = {id(layer): list(layer.merged_adapters) for _, layer in self.lora_layers()}
         self.unmerge_adapter()
         try:
-            with use_adapters(()):
+            with disabled():
                 yield
         finally:
             for _, layer in self.lora_layers():

@@ -18,7 +18,7 @@ from torch import nn
 from .config import LoraConfig
 from .io import WEIGHTS_NAME, file_key, load_adapter_weights, save_tensors
 from .model import LoraModel, owner_of
-from .routing import BASE, per_row_adapters, use_adapters
+from .routing import BASE, current_route, per_row_adapters, use_adapters
 
 
 class PeftModel(nn.Module):
@@ -77,6 +77,10 @@ class PeftModel(nn.Module):
     # -- running ------------------------------------------------------------------------------
     @contextmanager
     def _routed(self, adapter_names: Sequence[str] | None, expand: int = 1) -> Iterator[None]:
+        outer = current_route()
+        if outer is not None and outer.disabled:
+            yield
+            return
         if adapter_names is None:
             with use_adapters(self._adapters):
                 yield
@@ -107,8 +111,7 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         with self.base_model.disable_adapter():
-            with use_adapters(()):
-                yield
+            yield
 
     # -- counting -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -21,6 +21,7 @@ class Route:
 
     names: tuple[str, ...] = ()
     rows: tuple[str, ...] | None = None
+    disabled: bool = False  # set by disable_adapter(): wins over any handle's own adapters
 
 
 _ROUTE: ContextVar[Route | None] = ContextVar("lorakit_route", default=None)
@@ -37,6 +38,11 @@ def route(value: Route | None) -> Iterator[None]:
         yield
     finally:
         _ROUTE.reset(token)
+
+
+def disabled() -> "contextmanager":
+    """The bare base model for every call in this block, whichever handle makes it."""
+    return route(Route(disabled=True))
 
 
 def use_adapters(names: Sequence[str]) -> "contextmanager":

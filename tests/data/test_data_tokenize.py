@@ -101,6 +101,9 @@ def test_template_that_rewrites_history_is_reported(make_tokenizer):
     assert trained(tokenizer, one([chat("q", "a")], tokenizer)) == "a<|im_end|>\n"
     with pytest.raises(DataError, match="record 0: .*message 1 .*growing prefix"):
         tokenize_records([chat("q", "a", "q2", "b")], tokenizer, 512)
+    # the suggested way out works
+    example = one([chat("q", "a", "q2", "b")], tokenizer, train_on_prompt=True)
+    assert example.labels[1:] == example.input_ids[1:]
 
 
 def test_assistant_first_is_an_error(chat_tokenizer):
@@ -124,7 +127,7 @@ def test_truncation_and_dropping_are_counted(chat_tokenizer):
     assert max(len(e.input_ids) for e in data.examples) == prompt_len + 10
     assert trained(chat_tokenizer, data.examples[1]) == "y" * 10
     assert data.n_tokens == sum(len(e.input_ids) for e in data.examples)
-    assert data.n_trainable == len("ok<|im_end|>\n") - len("<|im_end|>") + 1 + 10
+    assert data.n_trainable == 4 + 10  # o k <|im_end|> \n, then ten y
 
 
 def test_nothing_left_is_an_error(chat_tokenizer):

@@ -60,7 +60,8 @@ def read_jsonl(path: Path) -> Located:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: bad JSON: {err.msg} (column {err.colno})") from None
+                problem = f"bad JSON: {err.msg} (column {err.colno})"
+                raise DataError(f"{path}:{number}: {problem}") from None
             yield f"{path}:{number}", record
 
 

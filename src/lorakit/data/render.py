@@ -35,8 +35,11 @@ def render(record: Record, fmt: str, tokenizer: Any, train_on_prompt: bool = Fal
     """``record`` (already known to be ``fmt``) as text plus its trainable spans."""
     messages = as_chat(record, fmt)
     if messages is not None and has_chat_template(tokenizer):
+        if train_on_prompt:  # no turns to locate, so any template will do
+            text = _apply(tokenizer, messages, generation_prompt=False)
+            return Rendered(text, [(0, len(text))], False, False)
         text, spans = render_chat(messages, tokenizer)
-        return Rendered(text, [(0, len(text))] if train_on_prompt else spans, False, False)
+        return Rendered(text, spans, False, False)
     prompt, completion = as_plain(record, fmt)
     start = 0 if train_on_prompt else len(prompt)
     return Rendered(prompt + completion, [(start, len(prompt) + len(completion))], True, True)

@@ -9,7 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def split_records(records: Sequence[T], eval_fraction: float, seed: int = 0) -> tuple[list[T], list[T]]:
+def split_records(
+    records: Sequence[T], eval_fraction: float, seed: int = 0
+) -> tuple[list[T], list[T]]:
     """(train, eval): a seeded random ``eval_fraction`` of records held out, order kept.
 
     At least one eval record when the fraction is positive, and at least one train record.
