@@ -86,9 +86,11 @@ def test_gguf_file_converted_once_and_rekeyed_on_change(
     first = resolve_model_path(str(gguf))
     assert resolve_model_path(str(gguf)) == first and len(calls) == 1
     assert Path(first).parent == tmp_cache / "models" and " " not in Path(first).name
-    gguf.write_text("v2, longer")  # new size and mtime: a new cache entry
+    mtime = gguf.stat().st_mtime_ns
+    gguf.write_text("v2")  # same size, later mtime: a new cache entry
+    os.utime(gguf, ns=(mtime + 10**9, mtime + 10**9))
     second = resolve_model_path(str(gguf))
-    assert second != first and Path(second, "config.json").read_text() == "v2, longer"
+    assert second != first and Path(second, "config.json").read_text() == "v2"
 
 
 def test_pick_device_and_dtype() -> None:

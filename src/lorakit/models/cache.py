@@ -37,6 +37,7 @@ def build_dir_once(final: Path, build: Callable[[Path], None]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(final)
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make a shared LORAKIT_CACHE unreadable to others
     try:
         build(tmp)
         _fsync_tree(tmp)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from pathlib import Path
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 
@@ -14,6 +13,9 @@ from .cache import cache_dir
 from .embedded import BUILTIN_MODELS, builtin_gguf_path
 from .gguf import converted_gguf_dir
 from .tokens import ensure_pad_token
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DType = Union[None, Literal["auto", "float32", "bfloat16", "float16"], torch.dtype]
 Device = Union[None, Literal["auto", "cpu", "cuda", "mps"], str, torch.device]
@@ -54,7 +56,6 @@ def _looks_like_path(s: str) -> bool:
         s.lower().endswith(".gguf")
         or s.startswith(("/", ".", "~"))
         or "\\" in s
-        or (os.altsep is not None and os.altsep in s and os.altsep != "/")
         or not _HUB_ID.match(s)
     )
 
@@ -83,7 +84,9 @@ def pick_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(name_or_path: str, *, dtype: DType = None, device: Device = None):
+def load_model(
+    name_or_path: str, *, dtype: DType = None, device: Device = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (pad token always set) from any `--model` value.
 
     Returns ``(model, tokenizer)``; the model is in eval mode on `device`.
