@@ -98,7 +98,8 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _pending(self, adapter_names: list[str] | None) -> list[str]:
-        return [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return [n for n in names if n in self.r and n not in self.merged_adapters]
 
     def merged_weight(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         """The base weight with adapter `name` merged in, plus what unmerging needs (DoRA's norm)."""

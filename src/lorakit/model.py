@@ -26,6 +26,7 @@ class LoraModel(nn.Module):
         if getattr(model, OWNER_ATTR, None) is not None:
             raise ValueError("this model already carries lorakit adapters; add more with add_adapter/load_adapter")
         self.model = model
+        self.training = model.training
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         model.__dict__[OWNER_ATTR] = self  # a plain attribute: not a submodule, no cycle in the module tree
@@ -77,6 +78,9 @@ class LoraModel(nn.Module):
                 lora_bias=config.lora_bias,
             )
         self._add_saved_modules(adapter_name, config)
+        for name in targets:  # new dropout modules follow the model's train/eval mode
+            layer = self.model.get_submodule(name)
+            layer.train(layer.base_layer.training)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
         self.peft_config[adapter_name] = config
@@ -98,6 +102,7 @@ class LoraModel(nn.Module):
                 module = ModulesToSaveWrapper(module)
                 self.model.set_submodule(name, module)
             module.add(adapter_name)
+            module.train(module.original_module.training)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters the ones used by default, and the trainable ones."""
@@ -153,6 +158,8 @@ class LoraModel(nn.Module):
         from .io import file_key
 
         self._check_name(adapter_name)
+        if adapter_name in getattr(self, "_unloaded", {}):
+            return self._unloaded[adapter_name]
         config = self.peft_config[adapter_name]
         lora_biases = {f"{n}.base_layer.bias" for n, _ in self.lora_layers()}
         state: dict[str, torch.Tensor] = {}
@@ -231,14 +238,15 @@ class LoraModel(nn.Module):
         return self._unload(keep=[])
 
     def _unload(self, keep: Sequence[str]) -> nn.Module:
+        # keep a copy of the adapters so that save_pretrained still works afterwards (the seed's
+        # snippet merges first, then saves the adapter)
+        self._unloaded = {n: {k: v.detach().clone() for k, v in self.adapter_state(n).items()} for n in self.peft_config}
         for name, layer in list(self.lora_layers()):
             self.model.set_submodule(name, layer.base_layer)
         for name, wrapper in [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
             chosen = next((wrapper.modules_to_save[k] for k in keep if k in wrapper.modules_to_save), None)
             self.model.set_submodule(name, chosen if chosen is not None else wrapper.original_module)
         self.model.__dict__.pop(OWNER_ATTR, None)
-        self.peft_config.clear()
-        self.active_adapters = []
         return self.model
 
     @contextmanager

@@ -27,6 +27,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.training = model.training
         self._adapters = [adapter_name]  # what this handle runs
         self._owned = [adapter_name]  # what this handle saves; the first goes at the root
 
@@ -35,6 +36,7 @@ class PeftModel(nn.Module):
         handle = cls.__new__(cls)
         nn.Module.__init__(handle)
         handle.base_model = lora_model
+        handle.training = lora_model.model.training
         handle._adapters = [adapter_name]
         handle._owned = [adapter_name]
         return handle

@@ -222,3 +222,10 @@ def test_wrapper_passes_attributes_and_generate():
 def test_dora_on_conv1d_is_refused():
     with pytest.raises(ValueError, match="use_dora"):
         get_peft_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], use_dora=True))
+
+
+def test_new_adapter_follows_eval_mode():
+    model = get_peft_model(tiny_llama().eval(), LoraConfig(target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False))
+    ids = _ids()
+    torch.testing.assert_close(logits(model, ids), logits(model, ids), rtol=0, atol=0)
+    assert not any(m.training for m in model.modules())
