@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
+from .kernels import lora_linear
 from .routing import BASE, Route, current_route
 
 
@@ -24,6 +25,11 @@ def _conv1d_type() -> type | None:
     except ImportError:  # transformers is optional for plain PyTorch models
         return None
     return Conv1D
+
+
+def _plain_linear_types() -> tuple[type, ...]:
+    conv1d = _conv1d_type()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
 class LoraLayer(nn.Module):
@@ -247,12 +253,32 @@ class Linear(LoraLayer):
             return self._forward_mixed(x, request.rows, *args, **kwargs)
         if self._check_merge_state(request.names):
             return self.base_layer(x, *args, **kwargs)
+        names = [n for n in request.names if n in self.r]
+        if len(names) == 1 and not args and not kwargs and self._fast_path_ok(names[0]):
+            return self._fast_forward(names[0], x)
         result = self.base_layer(x, *args, **kwargs)
-        for name in request.names:
-            if name not in self.r:
-                continue
+        for name in names:
             result = result + self._adapter_output(name, x, result).to(result.dtype)
         return result
+
+    def _fast_path_ok(self, name: str) -> bool:
+        """The fused kernel covers plain LoRA on a plain nn.Linear/Conv1D without active dropout."""
+        return (
+            type(self.base_layer) in _plain_linear_types()
+            and not self.uses_dora(name)
+            and self.lora_B[name].bias is None
+            and (not self.training or isinstance(self.lora_dropout[name], nn.Identity))
+        )
+
+    def _fast_forward(self, name: str, x: Tensor) -> Tensor:
+        return lora_linear(
+            x,
+            self._weight_out_in(),
+            self.base_layer.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+        )
 
     def _adapter_output(self, name: str, x: Tensor, base_result: Tensor) -> Tensor:
         A, B = self.lora_A[name], self.lora_B[name]

@@ -78,7 +78,8 @@ class PeftModel(nn.Module):
 
     # -- running ------------------------------------------------------------------------------
     @contextmanager
-    def _routed(self, adapter_names: Sequence[str] | None, expand: int = 1) -> Iterator[None]:
+    def adapter_scope(self, adapter_names: Sequence[str] | None = None, expand: int = 1) -> Iterator[None]:
+        """Calls to the base model inside the block use this handle's adapters (or one per row)."""
         outer = current_route()
         if outer is not None and outer.disabled:
             yield
@@ -99,7 +100,7 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is not None:
             _check_rows(adapter_names, args, kwargs)
-        with self._routed(adapter_names):
+        with self.adapter_scope(adapter_names):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -107,7 +108,7 @@ class PeftModel(nn.Module):
         if adapter_names is not None:
             _check_rows(adapter_names, args, kwargs)
             expand = _generation_expansion(self.base_model.model, kwargs)
-        with self._routed(adapter_names, expand):
+        with self.adapter_scope(adapter_names, expand):
             return self.base_model.model.generate(*args, **kwargs)
 
     @contextmanager

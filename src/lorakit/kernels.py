@@ -1,0 +1,106 @@
+"""Autograd functions behind the fast path: a LoRA linear and a chunked linear + cross-entropy.
+
+Both compute exactly what the plain PyTorch expressions compute (tests compare gradients), but
+save less for backward and skip the full-size temporaries the plain expressions create:
+- `lora_linear`: y = x W^T + b + s (x A^T) B^T with the scaling folded into `addmm`, saving only
+  x and the small (tokens, r) product; the frozen W gets no gradient work.
+- `linear_cross_entropy`: the loss of a linear head without ever holding the (tokens, vocab)
+  logits: chunk by chunk it computes the loss and, already in forward, the gradient for the
+  hidden states, so backward is a multiplication.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (tokens, in)
+        xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        out = out.addmm_(xa.to(out.dtype), B.t().to(out.dtype), alpha=scaling)
+        ctx.save_for_backward(x2, xa, weight, A, B)
+        ctx.scaling = scaling
+        ctx.shape = shape
+        ctx.weight_needs_grad = weight.requires_grad
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x2, xa, weight, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
+        g_low = g.to(B.dtype)
+        g_xa = (g_low @ B).mul_(s)  # (tokens, r)
+        grad_A = g_xa.t() @ x2.to(A.dtype) if ctx.needs_input_grad[3] else None
+        grad_B = (g_low.t() @ xa).mul_(s) if ctx.needs_input_grad[4] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(g_xa.to(g.dtype), A.to(g.dtype)).reshape(ctx.shape)
+        grad_w = g.t() @ x2 if ctx.weight_needs_grad else None
+        grad_b = g.sum(0) if ctx.bias_needs_grad else None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """x W^T + b + scaling * (x A^T) B^T for W (out, in), A (r, in), B (out, r)."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or A.requires_grad or B.requires_grad):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        xa = x2.to(A.dtype) @ A.t()
+        out = out.addmm_(xa.to(out.dtype), B.t().to(out.dtype), alpha=scaling)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    return _LoraLinear.apply(x, weight, bias, A, B, scaling)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        # hidden (tokens, dim), weight (vocab, dim), labels (tokens,) with -100 = ignored
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            y = labels[start : start + chunk]
+            keep = y != -100
+            logits = (h @ weight.t()).float()  # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
+            total += ((lse - target) * keep).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d loss / d logits = softmax - onehot, only on kept rows; reuse the logits buffer
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()
+            probs[torch.arange(len(y), device=y.device), y.clamp_min(0)] -= 1
+            probs.mul_(keep.unsqueeze(1))
+            probs = probs.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = probs @ weight
+            if grad_weight is not None:
+                grad_weight += (probs.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 1024) -> Tensor:
+    """Sum over non-ignored tokens of cross-entropy(hidden @ weight^T, labels), logits never held whole.
+
+    hidden (..., dim) and labels (...) are already aligned (shifted) by the caller.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)

@@ -1,0 +1,104 @@
+"""The fast path's autograd functions give the plain implementation's values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.kernels import linear_cross_entropy, lora_linear
+from lorakit.layers import Linear
+from tinymodels import logits, tiny_gpt2, tiny_llama
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_lora_linear_matches_plain(bias, weight_grad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 8, dtype=torch.float64, requires_grad=weight_grad)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=weight_grad) if bias else None
+    A = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    fast = lora_linear(x, W, b, A, B, 0.7)
+    plain = F.linear(x, W, b) + 0.7 * (x @ A.T) @ B.T
+    torch.testing.assert_close(fast, plain)
+    g = torch.randn_like(plain)
+    inputs = [t for t in (x, W, b, A, B) if t is not None and t.requires_grad]
+    torch.testing.assert_close(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(plain, inputs, g))
+
+
+def test_lora_linear_gradcheck():
+    torch.manual_seed(0)
+    args = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, 4, dtype=torch.float64),
+            None, torch.randn(2, 4, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, 2, dtype=torch.float64, requires_grad=True), 1.5]
+    assert torch.autograd.gradcheck(lora_linear, args)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+@pytest.mark.parametrize("head_grad", [False, True])
+def test_linear_cross_entropy_matches_plain(chunk, head_grad):
+    torch.manual_seed(0)
+    h = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(13, 8, dtype=torch.float64, requires_grad=head_grad)
+    y = torch.randint(0, 13, (10,))
+    y[[1, 4]] = -100
+    fast = linear_cross_entropy(h, W, y, chunk=chunk)
+    plain = F.cross_entropy(h @ W.T, y, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(fast, plain.float())
+    inputs = [h, W] if head_grad else [h]
+    for a, b in zip(torch.autograd.grad(fast * 0.3, inputs), torch.autograd.grad(plain * 0.3, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
+def test_model_gradients_equal_with_and_without_fast_path(make, targets, monkeypatch):
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        torch.manual_seed(1)
+        model = get_peft_model(make(), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).train()
+        logits(model, ids).pow(2).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fast = grads()
+    monkeypatch.setattr(Linear, "_fast_path_ok", lambda self, name: False)
+    plain = grads()
+    assert fast.keys() == plain.keys() and fast
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_fast_path_is_used_by_default(monkeypatch):
+    calls = []
+    original = Linear._fast_forward
+    monkeypatch.setattr(Linear, "_fast_forward", lambda self, *a: calls.append(1) or original(self, *a))
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).train()
+    logits(model, torch.randint(0, 100, (1, 4))).sum().backward()
+    assert len(calls) == 2  # one per layer
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn"])])
+def test_causal_lm_loss_matches_transformers(make, targets):
+    from lorakit.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(make(), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()  # no GPT-2 dropout
+    ids = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    labels[2, 6:] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    total, n = causal_lm_loss(model, batch)
+    reference = model(**batch).loss  # transformers' mean over target tokens
+    assert n == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(total / n, reference, rtol=1e-5, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = torch.autograd.grad(total / n, params)
+    plain = torch.autograd.grad(model(**batch).loss, params)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
