@@ -41,7 +41,7 @@ def _fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return body, head
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 1024) -> tuple[Tensor, int]:
+def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 256) -> tuple[Tensor, int]:
     """(sum of next-token cross-entropies over labels != -100, number of such tokens)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -1,0 +1,190 @@
+"""Training step speed and memory: lorakit against PEFT + transformers, side by side.
+
+Each contender runs in its own fresh process (so each peak RSS is its own) on the same data,
+seed and initial adapter weights: SmolLM2-135M (the embedded model) in fp32, r=16, alpha=32 on
+all seven projections, dropout 0, batch 4 x 256 tokens, AdamW, 2 warm-up steps then the median
+of the timed steps.
+
+    python benchmarks/train_speed.py            # all contenders, prints the markdown table
+    python benchmarks/train_speed.py --steps 5  # timed steps per contender (default 5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CONTENDERS = {
+    "peft": "PEFT 0.21 + transformers (reference)",
+    "lorakit": "lorakit default",
+    "lorakit-memory": "lorakit memory mode (checkpointing + chunked loss)",
+    "peft-gc": "PEFT + transformers gradient checkpointing",
+    "full": "full fine-tuning (transformers)",
+    "floor": "floor: frozen base forward + backward to inputs",
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, SEQ, WARMUP = 4, 256, 2
+
+
+def _batch(vocab: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _make_initial_adapter(directory: str) -> None:
+    """The adapter every LoRA contender starts from (lorakit's init, saved in PEFT's format)."""
+    import torch
+
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.models import load_model
+
+    model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
+    get_peft_model(model, config).save_pretrained(directory)
+
+
+def _run(name: str, adapter_dir: str, steps: int) -> dict:
+    import torch
+
+    from lorakit.models import load_model
+
+    torch.manual_seed(0)
+    model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
+    model.train()
+    batch = _batch(model.config.vocab_size)
+    n_target = int((batch["labels"][:, 1:] != -100).sum())
+
+    if name in ("peft", "peft-gc"):
+        import peft
+
+        if name == "peft-gc":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        step_loss = lambda: model(**batch).loss  # noqa: E731
+    elif name in ("lorakit", "lorakit-memory"):
+        from lorakit import PeftModel
+        from lorakit.allocator import return_freed_memory_to_os
+        from lorakit.loss import causal_lm_loss
+
+        return_freed_memory_to_os()  # as lorakit's trainer does
+
+        if name == "lorakit-memory":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        chunk = 256
+        step_loss = lambda: causal_lm_loss(model, batch, chunk=chunk)[0] / n_target  # noqa: E731
+    elif name == "full":
+        step_loss = lambda: model(**batch).loss  # noqa: E731
+    elif name == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        embed = model.get_input_embeddings()
+        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+
+        def step_loss():
+            embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
+            return model(inputs_embeds=embeds, **inputs).loss
+    else:
+        raise ValueError(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4) if params else None
+    times, losses = [], []
+    for step in range(WARMUP + steps):
+        start = time.perf_counter()
+        loss = step_loss()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        value = float(loss)
+        elapsed = time.perf_counter() - start
+        losses.append(value)
+        if step >= WARMUP:
+            times.append(elapsed)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step_s = statistics.median(times)
+    return {
+        "name": name,
+        "step_s": step_s,
+        "tokens_per_s": BATCH * SEQ / step_s,
+        "peak_rss_gb": peak_kb / 1024**2,
+        "losses": losses,
+    }
+
+
+def _table(results: dict[str, dict]) -> str:
+    lines = [
+        "| contender | tokens/s | step (s) | peak RSS (GB) | losses (warm-up, then timed) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, r in results.items():
+        losses = " ".join(f"{x:.4f}" for x in r["losses"])
+        lines.append(f"| {CONTENDERS[name]} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_rss_gb']:.2f} | {losses} |")
+    return "\n".join(lines)
+
+
+def _summary(results: dict[str, dict]) -> str:
+    peft, ours, floor = results["peft"], results["lorakit"], results["floor"]
+    n = min(len(peft["losses"]), len(ours["losses"]))
+    rel = max(abs(a - b) / abs(a) for a, b in zip(peft["losses"][:n], ours["losses"][:n]))
+    parts = [
+        f"speed_vs_peft={ours['tokens_per_s'] / peft['tokens_per_s']:.2f}",
+        f"memory_vs_peft={ours['peak_rss_gb'] / peft['peak_rss_gb']:.2f}",
+        f"floor_ratio={ours['step_s'] / floor['step_s']:.2f}",
+        f"loss_rel_diff={rel:.1e}",
+    ]
+    if "lorakit-memory" in results:
+        mem = results["lorakit-memory"]
+        parts.append(f"memory_mode_vs_peft={mem['peak_rss_gb'] / peft['peak_rss_gb']:.2f}")
+        if "peft-gc" in results:
+            parts.append(f"memory_mode_speed_vs_peft_gc={mem['tokens_per_s'] / results['peft-gc']['tokens_per_s']:.2f}")
+    return " ".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per contender")
+    parser.add_argument("--only", nargs="*", choices=list(CONTENDERS), help="run only these contenders")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one, print JSON
+    parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.contender:
+        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps)))
+        return 0
+
+    names = args.only or list(CONTENDERS)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        _make_initial_adapter(tmp)
+        for name in names:
+            print(f"running {name} …", file=sys.stderr, flush=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps)],
+                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+            )
+            if out.returncode != 0:
+                print(out.stderr, file=sys.stderr)
+                raise SystemExit(f"contender {name} failed")
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(_table(results))
+    if {"peft", "lorakit", "floor"} <= results.keys():
+        print(_summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
