@@ -1,0 +1,291 @@
+"""TrainConfig: every training option in one dataclass, loaded from YAML plus `key=value` overrides.
+
+The YAML a user writes, the `key=value` overrides, the CLI flags and the `config.yaml` a run
+writes all use these field names. Each field's `metadata["help"]` is its documentation (the CLI
+builds `--help` from it), so there is one source for what an option means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A training option that is unknown or has a bad value; the message names it."""
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """What to fine-tune, on which data, how, and where the run goes (see each field's help)."""
+
+    # -- model and data ---------------------------------------------------------------------
+    model: str = _opt("smollm2-135m", "base model: a built-in name, a local model dir, a .gguf file or a hub id")
+    data: str | None = _opt(None, "training records (JSONL, JSON, CSV, Parquet or a datasets dir); required")
+    eval_data: str | None = _opt(None, "held-out records for eval loss (default: none, or see eval_fraction)")
+    eval_fraction: float = _opt(0.0, "hold out this fraction of the training records for eval loss")
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = _opt(
+        "auto", "record format; auto detects it per record")
+    train_on_prompt: bool = _opt(False, "also train on prompt/user tokens, not only on the answers")
+    max_seq_len: int = _opt(512, "cut examples to this many tokens (packed rows hold this many)")
+    packing: bool = _opt(False, "pack several examples per row (no attention across them) to skip padding")
+    # -- method -----------------------------------------------------------------------------
+    method: Literal["lora", "full"] = _opt("lora", "lora trains an adapter; full trains every weight")
+    r: int = _opt(16, "LoRA rank")
+    lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by lora_alpha / r")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input during training")
+    target_modules: list[str] | str = _opt(
+        SEVEN_PROJECTIONS, "modules that get adapters: names, 'all-linear', or a regex string")
+    use_dora: bool = _opt(False, "DoRA: learn a magnitude vector besides the low-rank direction")
+    use_rslora: bool = _opt(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
+    # -- optimisation -----------------------------------------------------------------------
+    lr: float = _opt(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norms)")
+    scheduler: Literal["cosine", "linear", "constant"] = _opt("cosine", "learning-rate decay after warmup")
+    warmup_steps: int = _opt(0, "linear warmup from 0 over this many optimizer steps")
+    warmup_ratio: float = _opt(0.0, "warmup as a fraction of all steps (instead of warmup_steps)")
+    batch_size: int = _opt(8, "examples (or packed rows) per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step; step batch = batch_size * grad_accum")
+    max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this (null: no clipping)")
+    epochs: int = _opt(1, "passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps (overrides epochs)")
+    seed: int = _opt(42, "seed for adapter init, shuffling, the eval split and dropout")
+    # -- run --------------------------------------------------------------------------------
+    eval_every: int | None = _opt(None, "eval loss every N steps (and at the end) when there is eval data")
+    save_every: int | None = _opt(None, "checkpoint every N steps under output_dir/checkpoints/")
+    keep_checkpoints: int = _opt(2, "keep only the newest K checkpoints")
+    log_every: int = _opt(1, "log (metrics.jsonl, progress) every N steps")
+    output_dir: str = _opt("output", "run directory: adapter/, metrics.jsonl, loss.png, config.yaml")
+    overwrite: bool = _opt(False, "replace a previous run's files in a non-empty output_dir")
+    resume: str | None = _opt(None, "continue from a checkpoint: 'latest' (in output_dir) or its path")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: Literal["auto", "float32", "bfloat16"] = _opt(
+        "auto", "base weights' dtype; auto is bfloat16 on GPUs that support it, else float32")
+    quiet: bool = _opt(False, "plain log lines instead of a progress bar")
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = _opt(
+        "auto", "multi-process strategy (ddp/fsdp under torchrun: not yet; auto = one process)")
+
+    def __post_init__(self) -> None:
+        # copy the caller's list so that later changes to it never reach this config
+        if isinstance(self.target_modules, list):
+            self.target_modules = list(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value is wrong."""
+        hints = _hints()
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if not self.data:
+            raise ConfigError("data: required (the path of the training records)")
+        _at_least("max_seq_len", self.max_seq_len, 2)
+        for name in ("r", "batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("max_steps", "eval_every", "save_every"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _in_range("eval_fraction", self.eval_fraction, 0, 1)
+        _in_range("lora_dropout", self.lora_dropout, 0, 1)
+        _in_range("warmup_ratio", self.warmup_ratio, 0, 1)
+        for name in ("lr", "lora_alpha"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"{name}: must be a positive number, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm: must be positive or null, got {self.max_grad_norm!r}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("warmup_steps and warmup_ratio are both set; set one of them")
+        if self.eval_data and self.eval_fraction:
+            raise ConfigError("eval_data and eval_fraction are both set; set one of them")
+        if self.eval_every is not None and not (self.eval_data or self.eval_fraction):
+            raise ConfigError("eval_every: there is no eval data; set eval_data or eval_fraction too")
+        if isinstance(self.target_modules, list) and not all(self.target_modules):
+            raise ConfigError(f"target_modules: empty name in {self.target_modules!r}")
+        if not self.target_modules:
+            raise ConfigError("target_modules: must name at least one module")
+        if self.resume is not None and not self.resume:
+            raise ConfigError("resume: expected 'latest' or a checkpoint path, got ''")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- loading ----------------------------------------------------------------------------------
+def load_train_config(
+    path: str | Path | None = None, overrides: typing.Sequence[str] = (), **flags: Any
+) -> TrainConfig:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides, then `flags` (None = unset).
+
+    Override values are read as YAML scalars or lists (`lr=2e-4`, `target_modules=[q_proj,v_proj]`).
+    Unknown keys and bad values raise ConfigError naming the key.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        _check_key(key, f"override {item!r}")
+        try:
+            values[key] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot read value {text!r} ({getattr(err, 'problem', err)})") from None
+    for key, value in flags.items():
+        _check_key(key, "option")
+        if value is not None:
+            values[key] = value
+    hints = _hints()
+    coerced = {key: coerce(key, value, hints[key]) for key, value in values.items()}
+    return TrainConfig(**coerced)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value, got a {type(values).__name__}")
+    for key in values:
+        _check_key(str(key), str(path))
+    return values
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+# Names the same options have in TRL / transformers / PEFT, for the "did you mean" hint only.
+_KNOWN_AS = {
+    "learning_rate": "lr", "lr_scheduler_type": "scheduler", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "max_length": "max_seq_len", "max_seq_length": "max_seq_len", "lora_r": "r", "rank": "r",
+    "alpha": "lora_alpha", "dropout": "lora_dropout", "dataset": "data", "train_data": "data",
+    "model_name_or_path": "model", "resume_from_checkpoint": "resume", "save_steps": "save_every",
+    "eval_steps": "eval_every", "logging_steps": "log_every", "overwrite_output_dir": "overwrite",
+    "save_total_limit": "keep_checkpoints", "save_dir": "output_dir", "out_dir": "output_dir",
+}
+
+
+def _check_key(key: str, where: str) -> None:
+    names = field_names()
+    if key in names:
+        return
+    close = [_KNOWN_AS[key]] if key in _KNOWN_AS else difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"{where}: unknown option {key!r}; {hint}valid options: {', '.join(names)}")
+
+
+# -- types ------------------------------------------------------------------------------------
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+_NAME_LIST = re.compile(r"[\w.\-]+(\s*,\s*[\w.\-]+)+")
+
+
+def coerce(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the field's type where the reading is unambiguous ("2e-4" -> 2e-4, 3.0 -> 3).
+
+    PyYAML reads `2e-4` as a string (YAML 1.1 wants a dot), and a comma list from the command
+    line arrives as one string; both are fixed here. Anything else is left for the type check.
+    """
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if isinstance(value, str) and _NAME_LIST.fullmatch(value) and any(typing.get_origin(o) is list for o in options):
+        return [part.strip() for part in value.split(",")]
+    if value is None or any(_fits(value, o) for o in options):
+        return value
+    for option in options:
+        if option is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if option is int and not isinstance(value, bool):
+            number = value
+            if isinstance(value, str):
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+            if isinstance(number, float) and number.is_integer():
+                return int(number)
+    return value
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is Literal:
+        return value in typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if _is_union(hint):
+        return " or ".join(_describe(o) for o in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) is list:
+        return "a list of names"
+    if hint is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if not any(_fits(value, o) for o in options):
+        raise ConfigError(f"{name}: expected {_describe(hint)}, got {value!r}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name}: must be at least {low}, got {value}")
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value < high:
+        raise ConfigError(f"{name}: must be in [{low}, {high}), got {value}")
