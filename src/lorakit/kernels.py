@@ -12,6 +12,7 @@ save less for backward and skip the full-size temporaries the plain expressions 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -49,13 +50,16 @@ class _LoraLinear(torch.autograd.Function):
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     """x W^T + b + scaling * (x A^T) B^T for W (out, in), A (r, in), B (out, r)."""
-    if not torch.is_grad_enabled() or not (x.requires_grad or A.requires_grad or B.requires_grad):
-        x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        xa = x2.to(A.dtype) @ A.t()
-        out = out.addmm_(xa.to(out.dtype), B.t().to(out.dtype), alpha=scaling)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-    return _LoraLinear.apply(x, weight, bias, A, B, scaling)
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+        return _LoraLinear.apply(x, weight, bias, A, B, scaling)
+    # inference: as few kernel launches as possible (decoding is dominated by them)
+    if x.dtype != A.dtype:
+        out = F.linear(x, weight, bias)
+        return out + (F.linear(F.linear(x.to(A.dtype), A), B) * scaling).to(out.dtype)
+    out = F.linear(x, weight, bias)
+    xa = F.linear(x, A)
+    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.t(), alpha=scaling)
+    return out
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

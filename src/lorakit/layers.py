@@ -8,6 +8,7 @@ layer's own `active_adapters`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,6 +20,7 @@ from .kernels import lora_linear
 from .routing import BASE, Route, current_route
 
 
+@functools.cache
 def _conv1d_type() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
@@ -27,6 +29,7 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
+@functools.cache
 def _plain_linear_types() -> tuple[type, ...]:
     conv1d = _conv1d_type()
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
