@@ -308,51 +308,72 @@ class Linear(LoraLayer):
         return (factor - 1) * base + factor * lora * self.scaling[name]
 
     def _forward_mixed(self, x: Tensor, rows: tuple[str, ...], *args, **kwargs) -> Tensor:
-        """One forward where batch row i uses adapter rows[i]: gathered A/B and two batched matmuls."""
+        """One forward where batch row i uses adapter rows[i].
+
+        All adapters present are concatenated along the rank, (sum r, in) and (out, sum r) with the
+        scaling folded in; each row keeps only its own adapter's rank block through a 0/1 mask, so
+        the whole mixed batch costs two matmuls and one multiply whatever the mix.
+        """
         if self.merged_adapters:
             raise ValueError("mixed-adapter batches cannot run while adapters are merged; unmerge first")
         if len(rows) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows")
         result = self.base_layer(x, *args, **kwargs)
-        present = [n for n in dict.fromkeys(rows) if n in self.r]
+        present = tuple(sorted(n for n in set(rows) if n in self.r))
         if not present:
             return result
-        if any(self.uses_dora(n) for n in present) or any(
-            not isinstance(self.lora_dropout[n], nn.Identity) for n in present if self.training
-        ):
-            raise ValueError("mixed-adapter batches support plain LoRA adapters in eval mode only (no DoRA)")
-        A_stack, B_stack, bias_stack = self._stacked(tuple(present))
-        slot = {n: i + 1 for i, n in enumerate(present)}  # slot 0 is the zero adapter
-        index = torch.tensor([slot.get(n, 0) for n in rows], device=x.device)
-        xa = x.to(A_stack.dtype)
-        flat = xa.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
-        hidden = torch.bmm(flat, A_stack[index].transpose(1, 2))  # (batch, tokens, r_max)
-        out = torch.bmm(hidden, B_stack[index].transpose(1, 2))  # (batch, tokens, out)
-        if bias_stack is not None:
-            out = out + bias_stack[index].unsqueeze(1)
-        return result + out.reshape(result.shape).to(result.dtype)
+        if any(self.uses_dora(n) for n in present):
+            raise ValueError("mixed-adapter batches support plain LoRA adapters (not DoRA)")
+        A_cat, B_cat, bias_cat, blocks = self._concatenated(present)
+        mask = _row_mask(rows, blocks, A_cat.shape[0], x.device, A_cat.dtype)  # (batch, sum r)
+        xa = F.linear(x.to(A_cat.dtype), A_cat)  # (batch, ..., sum r)
+        xa = xa * mask.view(mask.shape[0], *([1] * (xa.dim() - 2)), mask.shape[1])
+        out = F.linear(xa, B_cat)
+        if bias_cat is not None:
+            weights = mask[:, [blocks[n][0] for n in present]]  # (batch, adapters): 1 for the row's own
+            out = out + (weights @ bias_cat).view(mask.shape[0], *([1] * (out.dim() - 2)), -1)
+        return result + out.to(result.dtype)
 
-    def _stacked(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Adapters zero-padded to the largest rank, scaling folded into B; cached until weights change."""
+    def _concatenated(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None, dict[str, tuple[int, int]]]:
+        """Adapters stacked along the rank, cached until an adapter's weights change."""
         params = [p for n in names for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
-        key = (names, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        versions = tuple(-1 if p.is_inference() else p._version for p in params)
+        key = (names, versions, tuple(p.data_ptr() for p in params))
         if self._mixed_cache is not None and self._mixed_cache[0] == key:
             return self._mixed_cache[1]
-        r_max = max(self.r[n] for n in names)
-        A0 = self.lora_A[names[0]].weight
-        A_stack = A0.new_zeros(len(names) + 1, r_max, self.in_features)
-        B_stack = A0.new_zeros(len(names) + 1, self.out_features, r_max)
-        has_bias = any(self.lora_B[n].bias is not None for n in names)
-        bias_stack = A0.new_zeros(len(names) + 1, self.out_features) if has_bias else None
+        blocks, start = {}, 0
+        for n in names:
+            blocks[n] = (start, start + self.r[n])
+            start += self.r[n]
         with torch.no_grad():
-            for i, n in enumerate(names, start=1):
-                A_stack[i, : self.r[n]] = self.lora_A[n].weight
-                B_stack[i, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
-                if has_bias and self.lora_B[n].bias is not None:
-                    bias_stack[i] = self.lora_B[n].bias * self.scaling[n]
-        value = (A_stack, B_stack, bias_stack)
+            A_cat = torch.cat([self.lora_A[n].weight for n in names], dim=0)
+            B_cat = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1)
+            biases = [self.lora_B[n].bias for n in names]
+            bias_cat = None
+            if any(b is not None for b in biases):
+                bias_cat = torch.stack(
+                    [b * self.scaling[n] if b is not None else B_cat.new_zeros(self.out_features) for n, b in zip(names, biases)]
+                )
+        value = (A_cat, B_cat, bias_cat, blocks)
         self._mixed_cache = (key, value)
         return value
+
+
+@functools.lru_cache(maxsize=64)
+def _row_mask_cpu(rows: tuple[str, ...], blocks: tuple[tuple[str, int, int], ...], width: int) -> Tensor:
+    mask = torch.zeros(len(rows), width)
+    spans = {name: (a, b) for name, a, b in blocks}
+    for i, name in enumerate(rows):
+        if name in spans:
+            a, b = spans[name]
+            mask[i, a:b] = 1
+    return mask
+
+
+def _row_mask(rows: tuple[str, ...], blocks: dict[str, tuple[int, int]], width: int, device, dtype) -> Tensor:
+    """(batch, sum r) 0/1 mask selecting each row's own adapter block ("__base__" rows: all zero)."""
+    key = tuple((n, a, b) for n, (a, b) in blocks.items())
+    return _row_mask_cpu(rows, key, width).to(device=device, dtype=dtype)
 
 
 class Embedding(LoraLayer):

@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from .config import DEFAULT_TARGETS, LoraConfig
+from .layers import Linear as LoraLinear
 from .layers import LoraLayer, ModulesToSaveWrapper, is_adaptable
 
 ALL_LINEAR = "all-linear"
@@ -62,7 +63,9 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> set[str] | str:
         names = {
             name.rsplit(".", 1)[-1]
             for name, module in model.named_modules()
-            if is_adaptable(module) and not isinstance(module, nn.Embedding) and name not in head
+            if name not in head
+            and not _inside_lora_internals(name)
+            and (isinstance(module, LoraLinear) or (is_adaptable(module) and not isinstance(module, nn.Embedding)))
         }
         # keep the head out even if it shares a suffix with a body layer
         return names - {h.rsplit(".", 1)[-1] for h in head} or names

@@ -100,3 +100,19 @@ def test_handles_accept_adapter_names_across_the_shared_base(tmp_path, model):
     first.load_adapter(tmp_path / "b", adapter_name="b")
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(first(ids, adapter_names=["b", "a"]).logits, model(ids, adapter_names=["b", "a"]).logits)
+
+
+def test_second_all_linear_adapter_on_wrapped_layers():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    model.add_adapter("second", LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(wrapped) == 14 and all("second" in m.lora_A for m in wrapped)
+
+
+def test_mixed_batch_under_inference_mode_with_weights_loaded_there(tmp_path, model):
+    model.save_pretrained(tmp_path, selected_adapters=["a"])
+    with torch.inference_mode():
+        handle = PeftModel.from_pretrained(tiny_llama(), tmp_path, adapter_name="a")
+        ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(6))
+        out = handle(ids, adapter_names=["a", "__base__"]).logits
+    torch.testing.assert_close(out[0], _alone(model, "a", ids[:1])[0], rtol=1e-5, atol=1e-5)
