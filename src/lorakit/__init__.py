@@ -1,6 +1,7 @@
 """lorakit: fast, light LoRA fine-tuning for PyTorch, with PEFT-compatible adapters."""
 
 from .config import LoraConfig
+from .estimate import Estimate, estimate
 from .model import LoraModel
 from .peft_model import PeftModel, get_peft_model
 from .routing import BASE
@@ -12,10 +13,12 @@ PeftModelForCausalLM = PeftModel
 
 __all__ = [
     "BASE",
+    "Estimate",
     "LoraConfig",
     "LoraModel",
     "PeftModel",
     "PeftModelForCausalLM",
+    "estimate",
     "get_peft_model",
     "__version__",
 ]

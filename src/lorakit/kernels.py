@@ -88,6 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start : start + chunk] = probs @ weight
             if grad_weight is not None:
                 grad_weight += (probs.t() @ h).float()
+            del logits, probs  # let this chunk's buffer go before the next one is made
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

@@ -29,7 +29,7 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, object]:
     return model, nullcontext()
 
 
-def _fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder body, plain linear head) when the fused loss applies, else None."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
@@ -48,7 +48,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 256)
     target = labels[:, 1:]
     n_tokens = int((target != IGNORE).sum())
     inner, scope = _unwrap(model)
-    fused = _fused_head(inner)
+    fused = fused_head(inner)
     with scope:
         if fused is not None:
             body, head = fused

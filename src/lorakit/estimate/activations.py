@@ -1,0 +1,126 @@
+"""What autograd keeps between forward and backward in a Llama-style decoder, as pure functions.
+
+Counted tensor by tensor for transformers' Llama layer (RMSNorm, SDPA attention, gated MLP) and
+lorakit's LoRA layer, and checked against autograd's saved tensors in tests/estimate:
+
+- SDPA (flash / memory-efficient) saves q, k, v (grouped-query k/v stay narrow), the output and
+  a log-sum-exp per head; never a seq x seq matrix. No padding mask (packed or equal-length rows).
+- RMSNorm upcasts its input to fp32 and keeps it (4 bytes per element in any dtype) with one
+  fp32 rsqrt per token; its normalised value is kept only when the norm's weight trains.
+- LoRA (lorakit's fused `lora_linear`, dropout 0) keeps the layer's input, which the layers
+  reading the same tensor share (q/k/v; gate/up), and the fp32 (tokens, r) product x A^T.
+- Gradient checkpointing (transformers' per-layer, non-reentrant) keeps each layer's input and
+  recomputes one layer at a time in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+ADAPTER_BYTES = 4  # lorakit keeps adapter weights in fp32 whatever the base dtype
+NORM_BYTES = 4  # RMSNorm computes in fp32
+
+# Llama-family projection names -> the tensor they read; layers reading one tensor share it.
+INPUT_OF = {
+    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+    "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of a decoder that activations depend on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class Activations:
+    """`kept` lives from forward to backward; `recompute` (checkpointing) only while its layer's
+    backward runs, after the loss's tensors are gone."""
+
+    kept: int
+    recompute: int = 0
+
+    @property
+    def most(self) -> int:
+        return self.kept + self.recompute
+
+
+def _attention(shape: Shape, b: int) -> int:
+    """Per token: SDPA's q, k, v, output (b bytes each element) and fp32 log-sum-exp per head."""
+    return b * (2 * shape.q_width + 2 * shape.kv_width) + 4 * shape.heads
+
+
+def full_layer_bytes(shape: Shape, tokens: int, b: int) -> int:
+    """One decoder layer whose weights all train (b: bytes per element of the dtype).
+
+    Per token: two RMSNorms (fp32 input, rsqrt, normalised value for the weight's gradient), the
+    inputs of q/k/v and of gate/up, SDPA's tensors (its output is also o_proj's input), and the
+    MLP's gate, silu(gate), up and their product (down_proj's input).
+    """
+    h = shape.hidden
+    norms = 2 * (NORM_BYTES * h + 4 + b * h)
+    projection_inputs = 2 * b * h
+    mlp = 4 * b * shape.intermediate
+    return tokens * (norms + projection_inputs + _attention(shape, b) + mlp)
+
+
+def lora_layer_bytes(shape: Shape, tokens: int, b: int, adapted: Mapping[str, int], first: bool = False) -> int:
+    """One frozen decoder layer with LoRA on `adapted` (short name -> rank).
+
+    A frozen layer still keeps what its input's gradient needs: the norms' fp32 inputs, SDPA's
+    tensors, the MLP's gate, silu(gate) and up. Adapters add their inputs and x A^T. In the first
+    layer nothing before the first adapter needs a gradient, so its input norm keeps nothing.
+    """
+    norms = (1 if first else 2) * (NORM_BYTES * shape.hidden + 4)
+    mlp = 3 * b * shape.intermediate
+    adapters = sum(ADAPTER_BYTES * r for r in adapted.values()) + _adapter_input_bytes(shape, b, adapted)
+    return tokens * (norms + _attention(shape, b) + mlp + adapters)
+
+
+def _adapter_input_bytes(shape: Shape, b: int, adapted: Mapping[str, int]) -> int:
+    """Per token: the inputs the adapters keep, once per distinct tensor."""
+    groups = {INPUT_OF.get(name, name) for name in adapted}
+    width = {"attn_in": shape.hidden, "mlp_in": shape.hidden, "mlp_out": shape.intermediate,
+             "attn_out": 0}  # o_proj reads SDPA's output, which SDPA keeps already
+    return sum(b * width.get(group, shape.hidden) for group in groups)  # unknown layers: hidden-wide
+
+
+def outside_layers_bytes(shape: Shape, batch: int, seq: int, b: int, full: bool) -> int:
+    """The final norm (fp32 input, rsqrt; normalised value when it trains), rotary cos/sin,
+    the embedding's token ids when it trains."""
+    tokens = batch * seq
+    final_norm = NORM_BYTES * shape.hidden + 4 + (b * shape.hidden if full else 0)
+    rotary = 2 * seq * shape.head_dim * b
+    ids = 8 if full else 0
+    return tokens * (final_norm + ids) + rotary
+
+
+def activation_bytes(
+    shape: Shape, batch: int, seq: int, b: int, adapted: Mapping[str, int] | None, checkpointing: bool
+) -> Activations:
+    """Activations of one step (`adapted=None`: full fine-tuning)."""
+    tokens = batch * seq
+    full = adapted is None
+    layer = full_layer_bytes(shape, tokens, b) if full else lora_layer_bytes(shape, tokens, b, adapted)
+    outside = outside_layers_bytes(shape, batch, seq, b, full)
+    if checkpointing:
+        return Activations(kept=shape.layers * tokens * b * shape.hidden + outside, recompute=layer)
+    first = layer if full else lora_layer_bytes(shape, tokens, b, adapted, first=True)
+    return Activations(kept=first + (shape.layers - 1) * layer + outside)

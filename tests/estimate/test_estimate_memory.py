@@ -1,0 +1,160 @@
+"""The memory formulas: activations tensor by tensor against autograd, and the byte rules per component."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.estimate import activations as A
+from lorakit.estimate import estimate
+from lorakit.estimate import memory as M
+from lorakit.estimate.loss import fused_loss_bytes
+from lorakit.estimate.params import decoder_shape
+from lorakit.loss import causal_lm_loss
+
+BATCH, SEQ = 2, 24
+
+
+def _tiny_llama(dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=64)
+    return LlamaForCausalLM(config).to(dtype).train()
+
+
+def _saved_tensors(node) -> list:
+    """What one autograd node keeps: `_saved_*` attributes, or a custom Function's saved_tensors."""
+    if hasattr(node, "saved_tensors"):
+        return list(node.saved_tensors)
+    found = []
+    for attr in dir(node):
+        if attr.startswith("_saved_"):
+            value = getattr(node, attr)
+            found.extend(value if isinstance(value, (tuple, list)) else [value])
+    return found
+
+
+def _saved_bytes(loss: torch.Tensor, params: set[int]) -> int:
+    """Bytes of the distinct non-scalar tensors autograd keeps for backward (parameters excluded)."""
+    seen: dict[int, int] = {}
+    stack, visited = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+        for tensor in _saved_tensors(node):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in params:
+                    seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+CASES = [
+    (torch.float32, None),
+    (torch.float32, ["q_proj", "v_proj"]),
+    (torch.float32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    (torch.bfloat16, None),
+    (torch.bfloat16, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+]
+
+
+@pytest.mark.parametrize("dtype,targets", CASES,
+                         ids=["fp32-full", "fp32-qv", "fp32-all", "bf16-full", "bf16-qkvo-down"])
+def test_activation_formula_equals_what_autograd_keeps(dtype, targets):
+    """lorakit's training forward (its loss, its LoRA layers): every byte autograd keeps is counted."""
+    model = _tiny_llama(dtype)
+    shape = decoder_shape(model.config)
+    adapted = None
+    if targets is not None:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        adapted = {name: 4 for name in targets}
+    ids = torch.randint(0, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    loss, _ = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    b = torch.finfo(dtype).bits // 8
+    expected = A.activation_bytes(shape, BATCH, SEQ, b, adapted, checkpointing=False).kept
+    scored = BATCH * (SEQ - 1)
+    loss_kept = b * scored * shape.hidden  # the hidden-state gradient, made in forward
+    if targets is None:
+        loss_kept += 4 * shape.vocab * shape.hidden  # and the head's, in fp32
+    assert _saved_bytes(loss, params) == expected + loss_kept
+
+
+def test_chunked_loss_never_holds_whole_logits():
+    shape = A.Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+    eight = fused_loss_bytes(shape, batch=8, seq=4096, b=2, head_trains=False)
+    assert eight < 8 * 4095 * shape.vocab * 4 / 4  # under a quarter of the whole fp32 logits
+    sixteen = fused_loss_bytes(shape, batch=16, seq=4096, b=2, head_trains=False)
+    # more rows add hidden states, their flattened copy and their gradient, not logits
+    assert sixteen - eight == 2 * 8 * shape.hidden * (4096 + 4095 + 4095)
+
+
+def test_checkpointing_keeps_layer_inputs_and_recomputes_one_layer():
+    shape = A.Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+    plain = A.activation_bytes(shape, 1, 2048, 2, None, checkpointing=False)
+    ckpt = A.activation_bytes(shape, 1, 2048, 2, None, checkpointing=True)
+    inputs = 32 * 2048 * 4096 * 2
+    outside = A.outside_layers_bytes(shape, 1, 2048, 2, full=True)
+    assert ckpt.kept == inputs + outside
+    assert ckpt.recompute == A.full_layer_bytes(shape, 2048, 2)
+    assert plain.recompute == 0 and plain.kept > 10 * ckpt.most
+
+
+@pytest.mark.parametrize("optimizer,param_bytes,master,per_param", [
+    ("adamw", 4, True, 8),  # fp32: two fp32 moments, no separate master copy
+    ("adamw", 4, False, 8),
+    ("adamw", 2, False, 4),  # the seed: 16-bit states, "double the weights"
+    ("adamw", 2, True, 12),  # mixed precision: fp32 master + two fp32 moments (ZeRO's K=12)
+    ("adamw8bit", 2, False, 2),
+    ("adamw8bit", 2, True, 6),
+    ("sgd", 2, False, 0),
+    ("sgd", 2, True, 4),
+])
+def test_optimizer_bytes_per_parameter(optimizer, param_bytes, master, per_param):
+    assert M.optimizer_bytes(1000, optimizer, param_bytes, master) == 1000 * per_param
+
+
+def test_nf4_costs_what_the_qlora_paper_says():
+    assert M.NF4_BITS == pytest.approx(4.127, abs=5e-4)  # "0.127 bits per parameter" of constants
+    assert M.weight_bytes(base=1000, adapter=10, dtype_bytes=2, quantized=800) == round(800 * 4.127 / 8) + 200 * 2 + 40
+
+
+def test_full_fine_tuning_peak_is_the_optimizer_step_and_lora_peak_is_backward():
+    full = estimate("llama-3.1-8b", "full", seq_len=512)
+    m = full.memory
+    assert m.total == m.weights + m.optimizer_states + m.gradients  # gradients outweigh activations + loss
+    lora = estimate("llama-3.2-1b", "lora", seq_len=512)
+    m = lora.memory
+    assert m.total == m.weights + m.optimizer_states + m.activations + m.logits_loss
+
+
+def test_memory_grows_with_tokens_and_rank():
+    small = estimate("llama-3.2-1b", "lora", seq_len=2048)
+    long = estimate("llama-3.2-1b", "lora", seq_len=4096)
+    assert long.memory.activations == 2 * small.memory.activations
+    # the chunked loss grows by the hidden states and their gradient only (bf16, hidden 2048)
+    assert long.memory.logits_loss - small.memory.logits_loss == 2 * 2048 * (2048 + 2048)
+    wide = estimate("llama-3.2-1b", "lora", seq_len=2048, rank=64)
+    assert wide.params.trainable == 4 * small.params.trainable
+    assert wide.adapter_file_bytes > 3.9 * small.adapter_file_bytes
+
+
+def test_peak_is_the_larger_end_of_backward():
+    acts = A.Activations(kept=3, recompute=1)
+    # start of backward: kept + max(loss, head gradient + recomputed layer) = 3 + 4
+    assert M.peak_bytes(10, 5, 20, acts, loss=4, head_gradient=2) == 10 + 20 + 7
+    # end of backward: gradients + a tied embedding's second gradient = 5 + 3
+    assert M.peak_bytes(10, 5, 20, acts, loss=4, head_gradient=2, late_gradient=3) == 10 + 20 + 8
+
+
+def test_tied_embeddings_add_their_second_gradient_at_the_end():
+    """smollm2 ties its head to the embedding: backward makes the (vocab x hidden) gradient twice."""
+    e = estimate("smollm2-135m", "full", dtype="fp32", batch_size=1, seq_len=64, gradient_checkpointing=True)
+    head = 49152 * 576 * 4
+    assert e.memory.total == e.memory.weights + e.memory.optimizer_states + e.memory.gradients + head
