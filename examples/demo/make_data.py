@@ -2,9 +2,10 @@
 
 The user writes a free-text booking request; the assistant answers with only
 ``{"name":...,"guests":...,"day":...,"time":...}``. The base model chats back instead,
-so it scores ~0 %; after the demo fine-tune it extracts the fields. Two rules have
-to be learned, not copied: number words become integers ("four" -> 4) and
-12-hour times become 24-hour ones ("7:30pm" -> "19:30").
+so it scores ~0 %; after the demo fine-tune it extracts the fields. Besides the
+format, a few normalisations have to be learned, not copied: number words become
+integers ("four" -> 4), days are spelled out ("fri" -> "Friday") and times get one
+spelling ("7 pm", "7.30pm" -> "7:00pm", "7:30pm").
 
 Held-out requests use first and last names that never occur in training, so the
 score there measures generalisation, not recall. Deterministic and stdlib-only:
@@ -19,7 +20,7 @@ import random
 from pathlib import Path
 
 SEED = 1234
-N_TRAIN = 640  # one epoch of the demo recipe: 80 steps x batch 8
+N_TRAIN = 480  # one epoch of the demo recipe: 60 steps x batch 8
 N_HELDOUT = 64
 HERE = Path(__file__).resolve().parent
 
@@ -35,11 +36,12 @@ FIRST_NAMES = [
 LAST_NAMES = [
     "Moreno", "Haddad", "Sharma", "Berg", "Chen", "Weber", "Khan", "Torres", "Fischer", "Mensah",
     "Rossi", "Petrov", "Bello", "Garcia", "Tanaka", "Walsh", "Dubois", "Iyer", "Popescu", "Cohen",
-    "Nasser", "Novak", "Kim", "Laurent", "Farah", "Brandt", "Okafor", "Lindqvist", "Hansen", "Ricci",
+    "Nasser", "Novak", "Kim", "Laurent", "Farah", "Brandt", "Okafor", "Lindqvist", "Hansen",
+    "Ricci",
     "Ahmed", "Ortega", "Meyer", "Eze", "Silva", "Varga", "Costa", "Mori", "Patel", "Nowak",
     # held-out last names (never in training)
-    "Quintero", "Abernathy", "Volkova", "Desai", "Kowalczyk", "Oyelaran", "Fairweather", "Lindgren",
-    "Sato", "Mbeki", "Castellano", "Hargreaves",
+    "Quintero", "Abernathy", "Volkova", "Desai", "Kowalczyk", "Oyelaran", "Fairweather",
+    "Lindgren", "Sato", "Mbeki", "Castellano", "Hargreaves",
 ]
 N_TRAIN_NAMES = 40  # the first 40 of each list are training names, the rest held-out
 
@@ -72,16 +74,21 @@ def guests_text(rng: random.Random, guests: int) -> str:
     return NUMBER_WORDS[guests] if rng.random() < 0.5 else str(guests)
 
 
+def day_text(rng: random.Random, day: str) -> str:
+    """A day as people type it: Friday, friday, Fri."""
+    return rng.choice([day, day, day.lower(), day[:3]])
+
+
 def time_text(rng: random.Random, hour: int, minute: int) -> str:
-    """A 12-hour time as people type it: 7pm, 7:30pm, 7:30 pm."""
+    """A time as people type it: 7pm, 7 pm, 7:30pm, 7.30 pm."""
+    space = " " if rng.random() < 0.3 else ""
     if minute == 0 and rng.random() < 0.6:
-        return f"{hour}pm"
-    sep = " " if rng.random() < 0.3 else ""
-    return f"{hour}:{minute:02d}{sep}pm"
+        return f"{hour}{space}pm"
+    return f"{hour}{rng.choice(':.')}{minute:02d}{space}pm"
 
 
-def to_24h(hour: int, minute: int) -> str:
-    return f"{hour % 12 + 12:02d}:{minute:02d}"
+def canonical_time(hour: int, minute: int) -> str:
+    return f"{hour}:{minute:02d}pm"
 
 
 def make_example(rng: random.Random, first_names: list[str], last_names: list[str]) -> dict:
@@ -90,10 +97,10 @@ def make_example(rng: random.Random, first_names: list[str], last_names: list[st
     day = rng.choice(DAYS)
     hour, minute = rng.choice(PM_HOURS), rng.choice(MINUTES)
     request = rng.choice(TEMPLATES).format(
-        n=name, g=guests_text(rng, guests), d=day, t=time_text(rng, hour, minute)
+        n=name, g=guests_text(rng, guests), d=day_text(rng, day), t=time_text(rng, hour, minute)
     )
     request = request[0].upper() + request[1:]  # "four people at ..." -> "Four people at ..."
-    answer = {"name": name, "guests": guests, "day": day, "time": to_24h(hour, minute)}
+    answer = {"name": name, "guests": guests, "day": day, "time": canonical_time(hour, minute)}
     return {
         "messages": [
             {"role": "user", "content": request},

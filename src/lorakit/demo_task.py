@@ -3,11 +3,12 @@
 The user types a restaurant booking in free text ("Table for four on Friday at
 7:30pm, name Alice Moreno."); the assistant must answer with nothing but
 
-    {"name":"Alice Moreno","guests":4,"day":"Friday","time":"19:30"}
+    {"name":"Alice Moreno","guests":4,"day":"Friday","time":"7:30pm"}
 
 The base SmolLM2-135M-Instruct chats back instead, so it scores ~0 %. Besides the
-format, the fine-tune has to learn two small rules: number words become integers
-and 12-hour times become 24-hour ones. The held-out split
+format, the fine-tune has to learn small normalisations: number words become
+integers ("four" -> 4), days are spelled out ("fri" -> "Friday") and times get one
+spelling ("7 pm", "7.30pm" -> "7:00pm", "7:30pm"). The held-out split
 (``examples/demo/heldout.jsonl``, written by ``examples/demo/make_data.py``) uses
 names that never occur in training, so its score measures generalisation.
 
@@ -21,8 +22,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-# Found on a shared 2-core CPU (fp32): ~3 min of training takes the held-out score
-# from 0 % to >= 80 %. One epoch of the 640 training examples.
+# One epoch of the 480 training examples (~37k tokens with the chat template). Measured
+# with PEFT + AdamW in fp32 on a 2-core CPU: held-out 0 % -> 91-92 % (two seeds), ~3 min
+# of training on idle cores. Loss covers the answer and its closing <|im_end|>, so the
+# model learns to stop; lr warms up linearly for warmup_steps, then decays to 0.
 DEMO_RECIPE: dict = {
     "r": 16,
     "alpha": 32,
@@ -31,14 +34,14 @@ DEMO_RECIPE: dict = {
     "lr": 1e-3,
     "weight_decay": 0.0,
     "batch_size": 8,
-    "steps": 80,
+    "steps": 60,
     "epochs": 1,
     "max_seq_len": 96,
-    "warmup_steps": 8,
+    "warmup_steps": 6,
     "schedule": "cosine",
     "loss_on": "assistant",
     "seed": 0,
-    "max_new_tokens": 32,
+    "max_new_tokens": 40,
     "decoding": "greedy",
 }
 
