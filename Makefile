@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-all clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,17 @@ test: setup
 demo: setup
 	$(PY) -m lorakit demo
 
+# training speed and memory against PEFT (docs/benchmarks.md)
 bench: setup
 	$(PY) benchmarks/train_speed.py
+
+# every benchmark the docs quote (long: about an hour on a 2-core CPU)
+bench-all: bench
+	$(PY) benchmarks/generate_speed.py
+	$(PY) benchmarks/multi_adapter.py
+	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/estimate_vs_measured.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
