@@ -1,5 +1,8 @@
 """Training step speed and memory: lorakit against PEFT + transformers, side by side.
 
+Wall-clock figures on a shared machine move with its load; the CPU seconds of each step
+(process time, all threads) are the steadier comparison and are printed beside them.
+
 Each contender runs in its own fresh process (so each peak RSS is its own) on the same data,
 seed and initial adapter weights: SmolLM2-135M (the embedded model) in fp32, r=16, alpha=32 on
 all seven projections, dropout 0, batch 4 x 256 tokens, AdamW, 2 warm-up steps then the median
@@ -101,24 +104,26 @@ def _run(name: str, adapter_dir: str, steps: int) -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4) if params else None
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for step in range(WARMUP + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = step_loss()
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         value = float(loss)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(value)
         if step >= WARMUP:
             times.append(elapsed)
+            cpu_times.append(cpu)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step_s = statistics.median(times)
     return {
         "name": name,
         "step_s": step_s,
+        "cpu_s": statistics.median(cpu_times),
         "tokens_per_s": BATCH * SEQ / step_s,
         "peak_rss_gb": peak_kb / 1024**2,
         "losses": losses,
@@ -127,12 +132,15 @@ def _run(name: str, adapter_dir: str, steps: int) -> dict:
 
 def _table(results: dict[str, dict]) -> str:
     lines = [
-        "| contender | tokens/s | step (s) | peak RSS (GB) | losses (warm-up, then timed) |",
-        "|---|---:|---:|---:|---|",
+        "| contender | tokens/s | step (s) | CPU s/step | peak RSS (GB) | losses (warm-up, then timed) |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
         losses = " ".join(f"{x:.4f}" for x in r["losses"])
-        lines.append(f"| {CONTENDERS[name]} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_rss_gb']:.2f} | {losses} |")
+        lines.append(
+            f"| {CONTENDERS[name]} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['cpu_s']:.2f} "
+            f"| {r['peak_rss_gb']:.2f} | {losses} |"
+        )
     return "\n".join(lines)
 
 
@@ -145,6 +153,8 @@ def _summary(results: dict[str, dict]) -> str:
         f"memory_vs_peft={ours['peak_rss_gb'] / peft['peak_rss_gb']:.2f}",
         f"floor_ratio={ours['step_s'] / floor['step_s']:.2f}",
         f"loss_rel_diff={rel:.1e}",
+        f"cpu_speed_vs_peft={peft['cpu_s'] / ours['cpu_s']:.2f}",
+        f"cpu_floor_ratio={ours['cpu_s'] / floor['cpu_s']:.2f}",
     ]
     if "lorakit-memory" in results:
         mem = results["lorakit-memory"]
