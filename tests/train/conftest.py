@@ -78,9 +78,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> logged train loss, from a run's metrics.jsonl."""
-    with open(run_dir / "metrics.jsonl") as fh:
-        return {r["step"]: r["loss"] for r in map(json.loads, fh)}

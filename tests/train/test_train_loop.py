@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import losses
+from train_helpers import losses
 from safetensors.torch import load_file
 
 from lorakit import PeftModel

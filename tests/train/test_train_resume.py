@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import losses
+from train_helpers import losses
 
 from lorakit.train import TrainConfig, train
 

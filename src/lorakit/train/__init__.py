@@ -5,14 +5,18 @@
     result.adapter_dir  # runs/a/adapter, loadable with PeftModel.from_pretrained
 
     config = load_train_config("recipe.yaml", ["lr=1e-3", "resume=latest"])
+
+Under `torchrun --nproc-per-node N -m lorakit train …` every process runs `train` on its share of
+each step (DDP, or FSDP with `distributed: fsdp`); see docs/distributed.md.
 """
 
 from .config import ConfigError, TrainConfig, load_train_config
-from .loop import TrainingDiverged, TrainResult, evaluate_loss, train
+from .loop import RanksLost, TrainingDiverged, TrainResult, evaluate_loss, train
 from .schedule import lr_factor, warmup_steps_for
 
 __all__ = [
     "ConfigError",
+    "RanksLost",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",

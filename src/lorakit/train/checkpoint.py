@@ -47,8 +47,8 @@ class Checkpoint:
 def save_checkpoint(
     root: Path,
     step: int,
-    params: list[tuple[str, nn.Parameter]],
-    optimizer: torch.optim.Optimizer,
+    params: list[tuple[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     state: dict[str, Any],
     config_yaml: str,
     keep: int,
@@ -56,13 +56,14 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `root/step-<step>` (replacing one of that step), then keep the newest `keep`.
 
-    `params` are the trainable parameters in optimizer order; `export(dir)` may add files
-    (the PEFT adapter). Returns the checkpoint's path.
+    `params` are the trainable parameters in optimizer order, `optimizer` the optimizer or its
+    state dict (whole tensors: under FSDP the gathered ones); `export(dir)` may add files (the PEFT
+    adapter). Returns the checkpoint's path.
     """
     final = root / f"step-{step}"
     with atomic_dir(final) as tmp:
         save_file({name: p.detach().cpu().contiguous() for name, p in params}, tmp / "trainable.safetensors")
-        tensors, meta = flatten_optimizer(optimizer.state_dict())
+        tensors, meta = flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         meta["param_names"] = [name for name, _ in params]
         save_file(tensors, tmp / "optimizer.safetensors")
         _write_json(tmp / "optimizer.json", meta)
@@ -76,10 +77,13 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer
+    path: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+    place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Checkpoint:
     """Fill the trainable parameters and the optimizer from `path`, restore every RNG; return the rest.
 
+    `place(whole, param)` lays a saved whole tensor out like `param` (under FSDP: this rank's
+    shard); it is applied to each parameter and to optimizer moments of the parameter's shape.
     Raises ValueError if the checkpoint's parameters are not exactly these (another model or method).
     """
     missing = [name for name in REQUIRED if not (path / name).is_file()]
@@ -101,8 +105,15 @@ def load_checkpoint(
             if weights[name].shape != p.shape:
                 raise ValueError(f"checkpoint {path}: {name} has shape {tuple(weights[name].shape)}, "
                                  f"the model {tuple(p.shape)}")
-            p.copy_(weights[name])
-    optimizer.load_state_dict(unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta))
+            p.copy_(place(weights[name], p) if place else weights[name])
+    optim_state = unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta)
+    if place is not None:
+        for index, entry in optim_state["state"].items():
+            p = params[index][1]
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    entry[key] = place(value, p)
+    optimizer.load_state_dict(optim_state)
     state = json.loads((path / "trainer_state.json").read_text())
     set_python_rng_state(state.pop("rng"))
     rng_file = path / "rng.safetensors"

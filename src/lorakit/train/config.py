@@ -81,7 +81,10 @@ class TrainConfig:
         "auto", "base weights' dtype; auto is bfloat16 on GPUs that support it, else float32")
     quiet: bool = _opt(False, "plain log lines instead of a progress bar")
     distributed: Literal["auto", "none", "ddp", "fsdp"] = _opt(
-        "auto", "multi-process strategy (ddp/fsdp under torchrun: not yet; auto = one process)")
+        "auto", "under torchrun: ddp all-reduces the adapter's gradients, fsdp also shards the base "
+        "across processes; auto = ddp when several processes run; one process ignores it")
+    dist_timeout: float = _opt(600.0, "seconds a rank waits for the others in a collective before the "
+                               "run stops with an error (a rank that died or hangs)")
 
     def __post_init__(self) -> None:
         # copy the caller's list so that later changes to it never reach this config
@@ -123,6 +126,8 @@ class TrainConfig:
             raise ConfigError(f"target_modules: empty name in {self.target_modules!r}")
         if not self.target_modules:
             raise ConfigError("target_modules: must name at least one module")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ConfigError(f"dist_timeout: must be a positive number of seconds, got {self.dist_timeout!r}")
         if self.resume is not None and not self.resume:
             raise ConfigError("resume: expected 'latest' or a checkpoint path, got ''")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,11 @@ from .checkpoint import latest_checkpoint
 from .config import ConfigError, TrainConfig
 
 # Options that shape the trajectory: a resumed run must have the checkpoint's values for these.
+# (batch_size and grad_accum may change, with the number of processes, if the global batch stays.)
 TRAJECTORY = (
     "model", "data", "eval_fraction", "format", "train_on_prompt", "max_seq_len", "packing", "method",
     "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "lr", "weight_decay",
-    "scheduler", "warmup_steps", "warmup_ratio", "batch_size", "grad_accum", "max_grad_norm", "seed",
+    "scheduler", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed",
 )
 
 
@@ -155,8 +158,13 @@ def resume_path(config: TrainConfig) -> Path | None:
     return path
 
 
-def check_resumable(config: TrainConfig, checkpoint: Path) -> None:
-    """Refuse to continue a run with options that would change its trajectory."""
+def check_resumable(config: TrainConfig, checkpoint: Path, world_size: int = 1) -> int:
+    """Refuse to continue a run with options that would change its trajectory; return the number
+    of processes that wrote the checkpoint.
+
+    Another number of processes continues the run exactly when the global batch (batch_size x
+    grad_accum x processes) is the same: every step then reads the same examples.
+    """
     file = checkpoint / "config.yaml"
     if not file.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint (no config.yaml)")
@@ -167,3 +175,27 @@ def check_resumable(config: TrainConfig, checkpoint: Path) -> None:
                 f"resume: {checkpoint} was trained with {name}={saved[name]!r}, but this config has "
                 f"{name}={getattr(config, name)!r}; they must match to continue the run"
             )
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    saved_world = int(state.get("world_size", 1))
+    before = (saved.get("batch_size", config.batch_size), saved.get("grad_accum", config.grad_accum), saved_world)
+    now = (config.batch_size, config.grad_accum, world_size)
+    if math.prod(before) != math.prod(now):
+        fits = math.prod(before) % (config.grad_accum * world_size) == 0
+        hint = (f"set batch_size={math.prod(before) // (config.grad_accum * world_size)} to continue it with "
+                f"{_processes(world_size)}" if fits else f"run it with {_processes(saved_world)} and "
+                f"batch_size={before[0]}, grad_accum={before[1]}")
+        raise ConfigError(
+            f"resume: {checkpoint} was trained with a global batch of {math.prod(before)} ({_global(*before)}), "
+            f"but this run's is {math.prod(now)} ({_global(*now)}); every step must read the same "
+            f"examples to continue the run: {hint}"
+        )
+    return saved_world
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
+
+
+def _global(batch_size: int, grad_accum: int, world_size: int) -> str:
+    return f"batch_size {batch_size} x grad_accum {grad_accum} x {_processes(world_size)}"
