@@ -1,24 +1,42 @@
-"""lorakit: fast, light LoRA fine-tuning for PyTorch, with PEFT-compatible adapters."""
+"""lorakit: fast, light LoRA fine-tuning for PyTorch, with PEFT-compatible adapters.
 
-from .config import LoraConfig
-from .estimate import Estimate, estimate
-from .model import LoraModel
-from .peft_model import PeftModel, get_peft_model
-from .routing import BASE
+The public names load on first use, so that `lorakit --help` does not wait for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-# PEFT's task-specific classes are the same handle here: lorakit passes every call through.
-PeftModelForCausalLM = PeftModel
+_EXPORTS = {
+    "BASE": "routing",
+    "Estimate": "estimate",
+    "LoraConfig": "config",
+    "LoraModel": "model",
+    "PeftModel": "peft_model",
+    "get_peft_model": "peft_model",
+    "estimate": "estimate",
+}
+# PEFT's task-specific class is the same handle here: lorakit passes every call through.
+_ALIASES = {"PeftModelForCausalLM": ("peft_model", "PeftModel")}
 
-__all__ = [
-    "BASE",
-    "Estimate",
-    "LoraConfig",
-    "LoraModel",
-    "PeftModel",
-    "PeftModelForCausalLM",
-    "estimate",
-    "get_peft_model",
-    "__version__",
-]
+__all__ = sorted([*_EXPORTS, *_ALIASES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        value = getattr(module, name)
+    elif name in _ALIASES:
+        module_name, attr = _ALIASES[name]
+        value = getattr(importlib.import_module(f".{module_name}", __name__), attr)
+    else:
+        raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -81,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (2 for bad input, with a one-line message)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_in(argv))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, usage errors: argparse has printed what to say
+        return 0 if done.code is None else done.code if isinstance(done.code, int) else EXIT_USAGE
     if getattr(args, "run", None) is None:
         parser.print_help()
         return EXIT_USAGE

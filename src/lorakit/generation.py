@@ -1,6 +1,6 @@
 """Generating text: batched, left-padded, greedy or sampled, with or without adapters.
 
-    model, tokenizer = load_for_inference("smollm2-135m", ["runs/demo"])
+    model, tokenizer = load_for_inference("smollm2-135m", ["runs/demo/adapter"])
     generate(model, tokenizer, ["Table for two, Friday 8pm, name Ada Byrne."], max_new_tokens=32)
 
 Prompts are plain strings (wrapped in the chat template when the tokenizer has one and
@@ -87,10 +87,15 @@ def check_adapter_dir(path: str | os.PathLike) -> None:
 
 
 def adapter_names_for(paths: Sequence[str]) -> list[str]:
-    """Short unique names for adapter dirs: their folder names, numbered when they repeat."""
+    """Short unique names for adapter dirs: their folder names, numbered when they repeat.
+
+    A folder called "adapter" (what `lorakit train` writes inside its run dir) is named by the run.
+    """
     names: list[str] = []
     for path in paths:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).resolve().name).strip("-.") or "adapter"
+        folder = Path(path).resolve()
+        folder = folder.parent if folder.name == "adapter" and folder.parent.name else folder
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name).strip("-.") or "adapter"
         name, i = stem, 2
         while name in names or name == "__base__":
             name, i = f"{stem}-{i}", i + 1
@@ -180,13 +185,13 @@ def generate(
 
 def prompt_text(prompt: Prompt, tokenizer: Any, *, chat: bool = True, system: str | None = None) -> str:
     """The text the model sees: the chat template's rendering when used, else the prompt itself."""
+    if not isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a conversation (list of messages) needs a tokenizer with a chat template")
     if _templated(prompt, tokenizer, chat):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not isinstance(prompt, str):
-        raise ValueError("a conversation (list of messages) needs a tokenizer with a chat template")
     return prompt
 
 

@@ -68,3 +68,10 @@ def test_qlora_70b_fits_a_48_gb_card():
     assert fits["48 GB"] and fits["80 GB"] and not fits["24 GB"]
     # NF4 weights: ~0.516 bytes per quantised weight, embeddings and head stay in bf16
     assert 34 * 2**30 < result.memory.weights < 40 * 2**30
+
+
+def test_lorakit_estimate_is_callable_however_it_was_imported():
+    import lorakit
+    import lorakit.estimate.report  # noqa: F401  (binds the package name first)
+
+    assert lorakit.estimate("llama-3.1-8b", rank=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"]).params.trainable == 13_631_488
