@@ -81,7 +81,8 @@ def _run(name: str, adapter_dir: str, steps: int) -> dict:
         from lorakit.allocator import return_freed_memory_to_os
         from lorakit.loss import causal_lm_loss
 
-        return_freed_memory_to_os()  # as lorakit's trainer does
+        if name == "lorakit-memory":
+            return_freed_memory_to_os()  # as lorakit's trainer does with gradient checkpointing on a CPU
 
         if name == "lorakit-memory":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
