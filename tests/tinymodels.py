@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -50,3 +54,49 @@ MODELS = {"mlp": toy_mlp, "llama": tiny_llama, "gpt2": tiny_gpt2}
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+# A saved model directory with a chat tokenizer, for tests that load models by path.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_model(out: Path, tie_word_embeddings: bool = False) -> Path:
+    """One token per byte plus <|im_start|> and <|im_end|> (eos, also the pad, as in SmolLM2)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def write_records(path: Path, n: int, seed: int = 0) -> Path:
+    """Chat records with a learnable answer: the user's word, reversed."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8)))
+            messages = [{"role": "user", "content": f"reverse {word}"},
+                        {"role": "assistant", "content": word[::-1]}]
+            fh.write(json.dumps({"messages": messages}) + "\n")
+    return path

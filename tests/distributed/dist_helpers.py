@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -16,53 +15,23 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tinymodels import CHATML, write_records  # noqa: F401
+from tinymodels import save_tiny_model as _save_tiny_model
 
 HERE = Path(__file__).parent
 WORKER = HERE / "dist_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# 17 training records at a global batch of 4: the 5th step of each epoch holds one example, so
-# rank 1 has none and must run a weightless filler batch to keep the collectives in step.
-N_TRAIN, N_EVAL = 17, 5
 
 
 def save_tiny_model(out: Path) -> Path:
-    """A 2-layer random Llama with a byte-level ChatML tokenizer (eos = pad = <|im_end|>) and, like
-    SmolLM2, the output head tied to the input embeddings (one parameter FSDP must gather once)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                        additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+    """The shared tiny model, with the head tied to the embeddings like SmolLM2 (one parameter FSDP
+    must gather once)."""
+    return _save_tiny_model(out, tie_word_embeddings=True)
 
 
-def write_records(path: Path, n: int, seed: int) -> Path:
-    """Chat records with a learnable answer: the user's word, reversed."""
-    rng = random.Random(seed)
-    with open(path, "w") as fh:
-        for _ in range(n):
-            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8)))
-            messages = [{"role": "user", "content": f"reverse {word}"}, {"role": "assistant", "content": word[::-1]}]
-            fh.write(json.dumps({"messages": messages}) + "\n")
-    return path
+# 17 training records at a global batch of 4: the 5th step of each epoch holds one example, so
+# rank 1 has none and must run a weightless filler batch to keep the collectives in step.
+N_TRAIN, N_EVAL = 17, 5
 
 
 def free_port() -> int:
