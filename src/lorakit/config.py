@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -171,8 +172,6 @@ def _positive(name: str, value: Any, integer: bool = False) -> None:
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
     """PEFT's rule: a pattern key applies when it matches the end of the module's dotted name."""
-    import re
-
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value

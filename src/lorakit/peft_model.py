@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .io import WEIGHTS_NAME, file_key, load_adapter_weights, save_tensors
-from .model import LoraModel, owner_of
+from .model import OWNER_ATTR, LoraModel, owner_of
 from .routing import BASE, current_route, per_row_adapters, use_adapters
 
 
@@ -258,11 +258,11 @@ def _detached_copy(lora_model: LoraModel) -> LoraModel:
     """A deep copy of base + adapters that owns itself (for merging without touching the original)."""
     import copy
 
-    owner_backup = lora_model.model.__dict__.pop("_lorakit_owner")
+    owner_backup = lora_model.model.__dict__.pop(OWNER_ATTR)
     try:
         model_copy = copy.deepcopy(lora_model.model)
     finally:
-        lora_model.model.__dict__["_lorakit_owner"] = owner_backup
+        lora_model.model.__dict__[OWNER_ATTR] = owner_backup
     clone = LoraModel(model_copy)
     clone.peft_config = {k: v for k, v in lora_model.peft_config.items()}
     clone.active_adapters = list(lora_model.active_adapters)

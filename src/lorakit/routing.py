@@ -8,7 +8,7 @@ at forward time; with no route set they fall back to their own active adapters.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -40,16 +40,16 @@ def route(value: Route | None) -> Iterator[None]:
         _ROUTE.reset(token)
 
 
-def disabled() -> "contextmanager":
+def disabled() -> AbstractContextManager[None]:
     """The bare base model for every call in this block, whichever handle makes it."""
     return route(Route(disabled=True))
 
 
-def use_adapters(names: Sequence[str]) -> "contextmanager":
+def use_adapters(names: Sequence[str]) -> AbstractContextManager[None]:
     """Every row uses `names` (an empty sequence means the bare base model)."""
     return route(Route(names=tuple(names)))
 
 
-def per_row_adapters(rows: Sequence[str]) -> "contextmanager":
+def per_row_adapters(rows: Sequence[str]) -> AbstractContextManager[None]:
     """Row i of the batch uses adapter rows[i] (or BASE for none)."""
     return route(Route(rows=tuple(rows)))

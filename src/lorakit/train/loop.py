@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from ..allocator import return_freed_memory_to_os
 from torch import Tensor, nn
+
+from lorakit.allocator import return_freed_memory_to_os
 
 from lorakit.data import Example, collate, pad_token_id
 from lorakit.io import atomic_write_bytes
@@ -74,11 +74,11 @@ def train(config: TrainConfig) -> TrainResult:
     Started by torchrun, every process calls this with the same config; they train one model together.
     """
     started = time.perf_counter()
-    if config.gradient_checkpointing and torch.device(config.device if config.device != "auto" else "cpu").type == "cpu":
-        # memory mode on a CPU: hand freed activations back to the OS (costs page faults, saves ~20 %)
-        return_freed_memory_to_os()
     world = launched_world(config.distributed)
     device = train_device(config.device, world)
+    if config.gradient_checkpointing and device.type == "cpu":
+        # memory mode on a CPU: hand freed activations back to the OS (costs page faults, saves ~20 %)
+        return_freed_memory_to_os()
     join_process_group(world, device, config.dist_timeout)
     return _train(config, world, device, started)
 
