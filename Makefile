@@ -24,15 +24,15 @@ demo: setup
 
 # training speed and memory against PEFT (docs/benchmarks.md)
 bench: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/train_speed.py
 
 # every benchmark the docs quote (long: about an hour on a 2-core CPU)
 bench-all: bench
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/generate_speed.py
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/multi_adapter.py
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/quality.py
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/serve_load.py
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/estimate_vs_measured.py
+	$(PY) benchmarks/generate_speed.py
+	$(PY) benchmarks/multi_adapter.py
+	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/estimate_vs_measured.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

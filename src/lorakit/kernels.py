@@ -1,9 +1,12 @@
-"""Autograd functions behind the fast path: a LoRA linear and a chunked linear + cross-entropy.
+"""Autograd functions behind the fast path: a LoRA linear, a LoRA SwiGLU MLP, a chunked linear + cross-entropy.
 
-Both compute exactly what the plain PyTorch expressions compute (tests compare gradients), but
-save less for backward and skip the full-size temporaries the plain expressions create:
+Each computes exactly what the plain PyTorch expressions compute (tests compare gradients), but
+saves less for backward and skips the full-size temporaries the plain expressions create:
 - `lora_linear`: y = x W^T + b + s (x A^T) B^T with the scaling folded into `addmm`, saving only
   x and the small (tokens, r) product; the frozen W gets no gradient work.
+- `lora_swiglu`: down(silu(gate(x)) * up(x)) with LoRA on all three projections, saving only the
+  gate and up outputs (silu and the product are recomputed in backward, elementwise and cheap)
+  and sharing one A-matmul between gate and up, which read the same input.
 - `linear_cross_entropy`: the loss of a linear head without ever holding the (tokens, vocab)
   logits: chunk by chunk it computes the loss and, already in forward, the gradient for the
   hidden states, so backward is a multiplication.
@@ -60,6 +63,60 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     xa = F.linear(x, A)
     out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.t(), alpha=scaling)
     return out
+
+
+class _LoraSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, wg, ag, bg, sg, wu, au, bu, su, wd, ad, bd, sd) -> Tensor:  # noqa: PLR0913
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (tokens, in)
+        a_gu = torch.cat([ag, au])  # (rg + ru, in): one A-matmul for both projections
+        xa_gu = x2 @ a_gu.t()  # (tokens, rg + ru)
+        xa_g, xa_u = xa_gu.split([ag.shape[0], au.shape[0]], dim=1)
+        g = (x2 @ wg.t()).addmm_(xa_g, bg.t(), alpha=sg)  # (tokens, inter)
+        u = (x2 @ wu.t()).addmm_(xa_u, bu.t(), alpha=su)
+        h = F.silu(g).mul_(u)
+        xa_d = h @ ad.t()  # (tokens, rd)
+        out = (h @ wd.t()).addmm_(xa_d, bd.t(), alpha=sd)
+        ctx.save_for_backward(x2, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd)
+        ctx.scalings = (sg, su, sd)
+        ctx.shape = shape
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x2, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd = ctx.saved_tensors
+        sg, su, sd = ctx.scalings
+        go = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, hidden)
+        silu = F.silu(g)
+        h = silu * u
+        # down projection
+        g_xa_d = (go @ bd).mul_(sd)
+        grad_ad = g_xa_d.t() @ h
+        grad_bd = (go.t() @ xa_d).mul_(sd)
+        del h
+        g_h = (go @ wd).addmm_(g_xa_d, ad)  # (tokens, inter)
+        g_u = g_h * silu
+        del silu
+        g_g = torch.ops.aten.silu_backward(g_h.mul_(u), g)
+        # gate and up projections, sharing one A-matmul
+        rg = bg.shape[1]
+        xa_g, xa_u = xa_gu.split([rg, bu.shape[1]], dim=1)
+        g_xa_gu = torch.cat([(g_g @ bg).mul_(sg), (g_u @ bu).mul_(su)], dim=1)  # (tokens, rg + ru)
+        grad_a_gu = g_xa_gu.t() @ x2
+        grad_bg = (g_g.t() @ xa_g).mul_(sg)
+        grad_bu = (g_u.t() @ xa_u).mul_(su)
+        grad_x = (g_g @ wg).addmm_(g_u, wu).addmm_(g_xa_gu, a_gu).reshape(ctx.shape)
+        grad_ag, grad_au = grad_a_gu.split([rg, grad_a_gu.shape[0] - rg])
+        return grad_x, None, grad_ag, grad_bg, None, None, grad_au, grad_bu, None, None, grad_ad, grad_bd, None
+
+
+LoraWeights = tuple[Tensor, Tensor, Tensor, float]  # (W (out, in), A (r, in), B (out, r), scaling)
+
+
+def lora_swiglu(x: Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights) -> Tensor:
+    """down(silu(gate(x)) * up(x)) where each projection is a LoRA linear without bias, base weights frozen."""
+    return _LoraSwiGLU.apply(x, *gate, *up, *down)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

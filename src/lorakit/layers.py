@@ -264,6 +264,16 @@ class Linear(LoraLayer):
             result = result + self._adapter_output(name, x, result).to(result.dtype)
         return result
 
+    def fast_adapter(self) -> str | None:
+        """The one adapter this call would run on the fused fast path, or None if it needs the general one."""
+        if self.merged_adapters:
+            return None
+        request = self._requested()
+        if request.rows is not None:
+            return None
+        names = [n for n in request.names if n in self.r]
+        return names[0] if len(names) == 1 and self._fast_path_ok(names[0]) else None
+
     def _fast_path_ok(self, name: str) -> bool:
         """The fused kernel covers plain LoRA on a plain nn.Linear/Conv1D without active dropout."""
         return (

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
+from . import fusion
 from .config import LoraConfig
 from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper, wrapper_for
 from .routing import disabled
@@ -85,6 +86,7 @@ class LoraModel(nn.Module):
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
         self.peft_config[adapter_name] = config
         self._update_trainable()
+        fusion.attach(self.model)
 
     def _add_saved_modules(self, adapter_name: str, config: LoraConfig) -> None:
         if not config.modules_to_save:
@@ -247,6 +249,7 @@ class LoraModel(nn.Module):
             chosen = next((wrapper.modules_to_save[k] for k in keep if k in wrapper.modules_to_save), None)
             self.model.set_submodule(name, chosen if chosen is not None else wrapper.original_module)
         self.model.__dict__.pop(OWNER_ATTR, None)
+        fusion.detach(self.model)
         return self.model
 
     @contextmanager

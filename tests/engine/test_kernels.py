@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.kernels import linear_cross_entropy, lora_linear
+from lorakit.kernels import linear_cross_entropy, lora_linear, lora_swiglu
 from lorakit.layers import Linear
 from tinymodels import logits, tiny_gpt2, tiny_llama
 
@@ -102,3 +102,59 @@ def test_causal_lm_loss_matches_transformers(make, targets):
     plain = torch.autograd.grad(model(**batch).loss, params)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ranks", [(3, 3, 3), (2, 4, 3)])
+def test_lora_swiglu_matches_plain(ranks):
+    torch.manual_seed(0)
+    d, inter = 8, 12
+    x = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+
+    def weights(out, inp, r, s):
+        return (torch.randn(out, inp, dtype=torch.float64), torch.randn(r, inp, dtype=torch.float64, requires_grad=True),
+                torch.randn(out, r, dtype=torch.float64, requires_grad=True), s)
+
+    gate, up, down = weights(inter, d, ranks[0], 0.5), weights(inter, d, ranks[1], 2.0), weights(d, inter, ranks[2], 1.5)
+
+    def plain_linear(t, p):
+        W, A, B, s = p
+        return t @ W.T + s * (t @ A.T) @ B.T
+
+    fast = lora_swiglu(x, gate, up, down)
+    plain = plain_linear(F.silu(plain_linear(x, gate)) * plain_linear(x, up), down)
+    torch.testing.assert_close(fast, plain)
+    g = torch.randn_like(plain)
+    inputs = [x] + [t for p in (gate, up, down) for t in p[1:3]]
+    torch.testing.assert_close(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(plain, inputs, g))
+
+
+def test_lora_swiglu_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def weights(out, inp):
+        return (torch.randn(out, inp, dtype=torch.float64), torch.randn(2, inp, dtype=torch.float64, requires_grad=True),
+                torch.randn(out, 2, dtype=torch.float64, requires_grad=True), 0.7)
+
+    gate, up, down = weights(6, 4), weights(6, 4), weights(4, 6)
+    assert torch.autograd.gradcheck(lambda x, *t: lora_swiglu(x, (gate[0], *t[0:2], 0.7), (up[0], *t[2:4], 0.7),
+                                                              (down[0], *t[4:6], 0.7)),
+                                    (x, *gate[1:3], *up[1:3], *down[1:3]))
+
+
+def test_fused_mlp_is_used_in_training_and_not_in_inference(monkeypatch):
+    import lorakit.fusion as fusion
+
+    calls = []
+    monkeypatch.setattr(fusion, "lora_swiglu", lambda *a: calls.append(1) or lora_swiglu(*a))
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear")).train()
+    ids = torch.randint(0, 100, (1, 4))
+    logits(model, ids).sum().backward()
+    assert len(calls) == 2  # one per layer
+    with torch.no_grad():
+        logits(model, ids)
+    with model.disable_adapter():
+        logits(model, ids)
+    assert len(calls) == 2
+    base = model.unload()
+    assert all("forward" not in m.__dict__ for m in base.modules())

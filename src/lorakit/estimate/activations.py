@@ -9,6 +9,8 @@ lorakit's LoRA layer, and checked against autograd's saved tensors in tests/esti
   fp32 rsqrt per token; its normalised value is kept only when the norm's weight trains.
 - LoRA (lorakit's fused `lora_linear`, dropout 0) keeps the layer's input, which the layers
   reading the same tensor share (q/k/v; gate/up), and the fp32 (tokens, r) product x A^T.
+- With LoRA on gate, up and down in the adapters' dtype (fp32), lorakit's fused SwiGLU keeps only
+  gate and up (silu and the product are recomputed in backward), and the stacked [A_gate; A_up].
 - Gradient checkpointing (transformers' per-layer, non-reentrant) keeps each layer's input and
   recomputes one layer at a time in backward.
 """
@@ -26,6 +28,7 @@ INPUT_OF = {
     "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
     "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out",
 }
+FUSED_MLP = {"gate_proj", "up_proj", "down_proj"}  # all three adapted: lorakit.fusion runs the MLP as one node
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,12 @@ def lora_layer_bytes(shape: Shape, tokens: int, b: int, adapted: Mapping[str, in
     layer nothing before the first adapter needs a gradient, so its input norm keeps nothing.
     """
     norms = (1 if first else 2) * (NORM_BYTES * shape.hidden + 4)
-    mlp = 3 * b * shape.intermediate
-    adapters = sum(ADAPTER_BYTES * r for r in adapted.values()) + _adapter_input_bytes(shape, b, adapted)
-    return tokens * (norms + _attention(shape, b) + mlp + adapters)
+    fused = b == ADAPTER_BYTES and FUSED_MLP <= set(adapted)
+    mlp = (2 if fused else 3) * b * shape.intermediate
+    inputs = {n: r for n, r in adapted.items() if not (fused and n == "down_proj")}  # the product is recomputed
+    adapters = sum(ADAPTER_BYTES * r for r in adapted.values()) + _adapter_input_bytes(shape, b, inputs)
+    stacked_a = ADAPTER_BYTES * (adapted["gate_proj"] + adapted["up_proj"]) * shape.hidden if fused else 0  # [A_gate; A_up]
+    return tokens * (norms + _attention(shape, b) + mlp + adapters) + stacked_a
 
 
 def _adapter_input_bytes(shape: Shape, b: int, adapted: Mapping[str, int]) -> int:
