@@ -320,9 +320,10 @@ class Linear(LoraLayer):
     def _forward_mixed(self, x: Tensor, rows: tuple[str, ...], *args, **kwargs) -> Tensor:
         """One forward where batch row i uses adapter rows[i].
 
-        All adapters present are concatenated along the rank, (sum r, in) and (out, sum r) with the
-        scaling folded in; each row keeps only its own adapter's rank block through a 0/1 mask, so
-        the whole mixed batch costs two matmuls and one multiply whatever the mix.
+        The adapters present are stacked, (adapters, in, r_max) and (adapters, r_max, out) with
+        ranks zero-padded and the scaling folded in. Rows are gathered into equal-size groups, one
+        per adapter, and two batched matmuls compute every group's low-rank term at once: the
+        work of one rank-r product per row, whatever the mix, and no loop over adapters.
         """
         if self.merged_adapters:
             raise ValueError("mixed-adapter batches cannot run while adapters are merged; unmerge first")
@@ -334,56 +335,76 @@ class Linear(LoraLayer):
             return result
         if any(self.uses_dora(n) for n in present):
             raise ValueError("mixed-adapter batches support plain LoRA adapters (not DoRA)")
-        A_cat, B_cat, bias_cat, blocks = self._concatenated(present)
-        mask = _row_mask(rows, blocks, A_cat.shape[0], x.device, A_cat.dtype)  # (batch, sum r)
-        xa = F.linear(x.to(A_cat.dtype), A_cat)  # (batch, ..., sum r)
-        xa = xa * mask.view(mask.shape[0], *([1] * (xa.dim() - 2)), mask.shape[1])
-        out = F.linear(xa, B_cat)
-        if bias_cat is not None:
-            weights = mask[:, [blocks[n][0] for n in present]]  # (batch, adapters): 1 for the row's own
-            out = out + (weights @ bias_cat).view(mask.shape[0], *([1] * (out.dim() - 2)), -1)
-        return result + out.to(result.dtype)
+        A_stack, B_stack, bias_stack = self._stacked(present)
+        src, dst_rows, dst_slots = (t.to(x.device) if t is not None else None for t in _group_plan(rows, present))
+        groups = len(present)
+        xs = x.to(A_stack.dtype)
+        xs = xs if src is None else xs.index_select(0, src)  # (groups * size, ..., in)
+        delta = torch.bmm(xs.reshape(groups, -1, x.shape[-1]), A_stack)  # (groups, size * tokens, r_max)
+        if src is None and bias_stack is None and result.dtype == delta.dtype:  # grouped rows: add in place
+            result.view(groups, -1, result.shape[-1]).baddbmm_(delta, B_stack)
+            return result
+        delta = torch.bmm(delta, B_stack)  # (groups, size * tokens, out)
+        if bias_stack is not None:
+            delta = delta + bias_stack.unsqueeze(1)
+        delta = delta.reshape(-1, *result.shape[1:])
+        delta = (delta if dst_slots is None else delta.index_select(0, dst_slots)).to(result.dtype)
+        if dst_rows.shape[0] == result.shape[0]:  # every row has an adapter (dst_rows is 0, 1, …)
+            return result.add_(delta)
+        return result.index_add_(0, dst_rows, delta)
 
-    def _concatenated(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None, dict[str, tuple[int, int]]]:
-        """Adapters stacked along the rank, cached until an adapter's weights change."""
+    def _stacked(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Adapters stacked for batched matmuls, cached until an adapter's weights change.
+
+        The check runs in every mixed forward of every layer, so it only compares the cached
+        parameters' versions and storages (update_layer drops the cache when adapters change).
+        """
+        cache = self._mixed_cache
+        if cache is not None and cache[0] == names and cache[2] == _fingerprint(cache[1]):
+            return cache[3]
         params = [p for n in names for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
-        versions = tuple(-1 if p.is_inference() else p._version for p in params)
-        key = (names, versions, tuple(p.data_ptr() for p in params))
-        if self._mixed_cache is not None and self._mixed_cache[0] == key:
-            return self._mixed_cache[1]
-        blocks, start = {}, 0
-        for n in names:
-            blocks[n] = (start, start + self.r[n])
-            start += self.r[n]
+        r_max = max(self.r[n] for n in names)
+        A0 = self.lora_A[names[0]].weight
         with torch.no_grad():
-            A_cat = torch.cat([self.lora_A[n].weight for n in names], dim=0)
-            B_cat = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1)
+            A_stack = A0.new_zeros(len(names), self.in_features, r_max)
+            B_stack = A0.new_zeros(len(names), r_max, self.out_features)
+            for i, n in enumerate(names):
+                r = self.r[n]
+                A_stack[i, :, :r] = self.lora_A[n].weight.t()
+                B_stack[i, :r, :] = self.lora_B[n].weight.t() * self.scaling[n]
             biases = [self.lora_B[n].bias for n in names]
-            bias_cat = None
+            bias_stack = None
             if any(b is not None for b in biases):
-                bias_cat = torch.stack(
-                    [b * self.scaling[n] if b is not None else B_cat.new_zeros(self.out_features) for n, b in zip(names, biases)]
+                bias_stack = torch.stack(
+                    [b * self.scaling[n] if b is not None else A0.new_zeros(self.out_features) for n, b in zip(names, biases)]
                 )
-        value = (A_cat, B_cat, bias_cat, blocks)
-        self._mixed_cache = (key, value)
+        value = (A_stack, B_stack, bias_stack)
+        self._mixed_cache = (names, params, _fingerprint(params), value)
         return value
 
 
-@functools.lru_cache(maxsize=64)
-def _row_mask_cpu(rows: tuple[str, ...], blocks: tuple[tuple[str, int, int], ...], width: int) -> Tensor:
-    mask = torch.zeros(len(rows), width)
-    spans = {name: (a, b) for name, a, b in blocks}
-    for i, name in enumerate(rows):
-        if name in spans:
-            a, b = spans[name]
-            mask[i, a:b] = 1
-    return mask
+def _fingerprint(params: list[Tensor]) -> tuple:
+    """Changes when any of `params` is modified in place or given new storage."""
+    return tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for p in params)
 
 
-def _row_mask(rows: tuple[str, ...], blocks: dict[str, tuple[int, int]], width: int, device, dtype) -> Tensor:
-    """(batch, sum r) 0/1 mask selecting each row's own adapter block ("__base__" rows: all zero)."""
-    key = tuple((n, a, b) for n, (a, b) in blocks.items())
-    return _row_mask_cpu(rows, key, width).to(device=device, dtype=dtype)
+@functools.lru_cache(maxsize=256)
+def _group_plan(rows: tuple[str, ...], present: tuple[str, ...]) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Gather rows into one equal-size group per adapter in `present`.
+
+    Returns `src` (groups * size,): the row each slot reads (short groups repeat their last row),
+    and, in row order, every row that has an adapter (`dst_rows`) and its slot (`dst_slots`).
+    `src` and `dst_slots` are None where they would be 0, 1, 2, … (rows already grouped evenly).
+    """
+    members = {name: [i for i, n in enumerate(rows) if n == name] for name in present}
+    size = max(len(m) for m in members.values())
+    src = [row for name in present for row in members[name] + [members[name][-1]] * (size - len(members[name]))]
+    slot = {row: g * size + k for g, name in enumerate(present) for k, row in enumerate(members[name])}
+    dst_rows = sorted(slot)
+    dst_slots = [slot[row] for row in dst_rows]
+    identity = src == list(range(len(rows)))
+    as_index = functools.partial(torch.tensor, dtype=torch.long)
+    return None if identity else as_index(src), as_index(dst_rows), None if identity else as_index(dst_slots)
 
 
 class Embedding(LoraLayer):

@@ -108,6 +108,15 @@ class PeftModel(nn.Module):
         if adapter_names is not None:
             _check_rows(adapter_names, args, kwargs)
             expand = _generation_expansion(self.base_model.model, kwargs)
+            order = _grouping_order(adapter_names, kwargs)
+            if order is not None:  # rows of one adapter side by side: the layers then skip their gathers
+                args, kwargs = _take_rows(args, order, len(adapter_names)), _take_rows(kwargs, order, len(adapter_names))
+                with self.adapter_scope([adapter_names[i] for i in order], expand):
+                    out = self.base_model.model.generate(*args, **kwargs)
+                per_row = out.shape[0] // len(order)  # returned sequences per prompt
+                inverse = torch.argsort(torch.tensor(order)).repeat_interleave(per_row) * per_row
+                inverse += torch.arange(per_row).repeat(len(order))
+                return out.index_select(0, inverse.to(out.device))
         with self.adapter_scope(adapter_names, expand):
             return self.base_model.model.generate(*args, **kwargs)
 
@@ -282,6 +291,29 @@ def _check_rows(adapter_names: Sequence[str], args: tuple, kwargs: dict) -> None
     batch = _batch_size(args, kwargs)
     if batch is not None and batch != len(adapter_names):
         raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
+
+
+def _grouping_order(rows: Sequence[str], kwargs: dict) -> list[int] | None:
+    """A stable order putting each adapter's rows together, when it changes anything and `generate`
+    returns a plain tensor of sequences that can be put back in the caller's order."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    if order == list(range(len(rows))) or kwargs.get("return_dict_in_generate") or kwargs.get("streamer") is not None:
+        return None
+    return order
+
+
+def _take_rows(values, order: list[int], batch: int):
+    """`values` (a tuple or dict) with every tensor of `batch` rows reordered by `order`."""
+    index = torch.tensor(order)
+
+    def take(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v.index_select(0, index.to(v.device))
+        return v
+
+    if isinstance(values, dict):
+        return {k: take(v) for k, v in values.items()}
+    return tuple(take(v) for v in values)
 
 
 def _generation_expansion(model: nn.Module, kwargs: dict) -> int:

@@ -54,14 +54,31 @@ def _generate_alone(model, name, ids, **kwargs):
         model.set_adapter("a")
 
 
-@pytest.mark.parametrize("kwargs", [dict(do_sample=False), dict(do_sample=False, num_beams=3)], ids=["greedy", "beam"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(do_sample=False), dict(do_sample=False, num_beams=3), dict(do_sample=False, num_beams=3, num_return_sequences=2)],
+    ids=["greedy", "beam", "beam-2-returned"],
+)
 def test_generate_rows_equal_alone(model, kwargs):
+    """Rows come back in the caller's order (generate groups them by adapter inside)."""
     ids = torch.randint(0, 100, (4, 5), generator=torch.Generator().manual_seed(3))
     rows = ["c", "a", "__base__", "b"]
     out = model.generate(ids, adapter_names=rows, max_new_tokens=6, **kwargs)
+    k = kwargs.get("num_return_sequences", 1)
+    assert out.shape[0] == len(rows) * k
     for i, name in enumerate(rows):
         alone = _generate_alone(model, name, ids[i : i + 1], max_new_tokens=6, **kwargs)
-        assert torch.equal(out[i : i + 1], alone), name
+        assert torch.equal(out[i * k : (i + 1) * k], alone), name
+
+
+@pytest.mark.parametrize("rows", [["a", "a", "b", "b"], ["a", "b", "a", "b"], ["a", "a", "a", "c"]],
+                         ids=["grouped", "interleaved", "uneven"])
+def test_row_layouts(model, rows):
+    """Evenly grouped rows skip the gathers; interleaved and uneven ones are gathered and padded."""
+    ids = torch.randint(0, 100, (len(rows), 5), generator=torch.Generator().manual_seed(5))
+    mixed = model(ids, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], _alone(model, name, ids[i : i + 1])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_left_padded_batch(model):
