@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/serve_load.py                 # 32 requests, 4 adapters, 32 new tokens
     .venv/bin/python benchmarks/serve_load.py --threads 1 --check-solo
 
-The server (engine thread + FastAPI + uvicorn) runs in this process on a free loopback port;
-the clients are 32 concurrent `httpx` requests to /v1/completions, each for one of 4 random
+The server runs in this process on a free loopback port as `lorakit serve` runs it (the
+engine in the main thread, FastAPI + uvicorn in a side thread); the clients, in another
+thread, are 32 concurrent `httpx` requests to /v1/completions, each for one of 4 random
 LoRA adapters (r=16 on every linear layer of the body), with chat-formatted prompts.
 Baselines, each one batched, left-padded `generate` call on the same 32 prompts:
 
@@ -23,6 +24,7 @@ import asyncio
 import dataclasses
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -102,8 +104,23 @@ async def _load(url: str, jobs: list[tuple[str, str]], new_tokens: int) -> tuple
     return wall, [r[0] for r in results], [r[1] for r in results]
 
 
-def run_server_load(url: str, jobs: list[tuple[str, str]], new_tokens: int) -> tuple[float, list[float], list[dict]]:
-    return asyncio.run(_load(url, jobs, new_tokens))
+def run_server_load(engine, url: str, jobs: list[tuple[str, str]], new_tokens: int) -> tuple[float, list[float], list[dict]]:
+    """The clients in a side thread while the engine serves in this (the main) thread, as `lorakit serve` runs it."""
+    result: list = []
+
+    def clients() -> None:
+        try:
+            result.append(asyncio.run(_load(url, jobs, new_tokens)))
+        finally:
+            engine.close()
+
+    thread = threading.Thread(target=clients)
+    thread.start()
+    engine.run()
+    thread.join()
+    if not result:
+        raise SystemExit("the load test failed (see the error above)")
+    return result[0]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -150,22 +167,22 @@ def main() -> None:
 
         times: dict[str, list[float]] = {"base": [], "peft": []}
         server_runs = []
-        with engine, serving(app, log_level="error") as url:
+        with serving(app, log_level="error") as url:
             run_generate(base, tokenizer, texts[:2], 2)  # warm-up
-            run_server_load(url, jobs[:2], 2)
+            run_server_load(engine, url, jobs[:2], 2)
             for _ in range(args.rounds):
                 times["base"].append(run_generate(base, tokenizer, texts, args.new_tokens)[0])
                 if peft is not None:
                     times["peft"].append(run_generate(peft, tokenizer, texts, args.new_tokens, adapter_names=rows)[0])
                 before = dataclasses.replace(engine.stats)
-                wall, latencies, replies = run_server_load(url, jobs, args.new_tokens)
+                wall, latencies, replies = run_server_load(engine, url, jobs, args.new_tokens)
                 steps = engine.stats.decode_steps - before.decode_steps
                 step_seconds = (engine.stats.decode_seconds - before.decode_seconds) / max(1, steps)
                 prefill = (engine.stats.prefills - before.prefills, engine.stats.prefill_seconds - before.prefill_seconds)
                 server_runs.append((wall, latencies, replies, steps, step_seconds, prefill))
             solo_same = None
             if args.check_solo:
-                solo = [run_server_load(url, [job], args.new_tokens)[2][0] for job in jobs]
+                solo = [run_server_load(engine, url, [job], args.new_tokens)[2][0] for job in jobs]
                 batched = server_runs[-1][2]
                 solo_same = sum(a["choices"][0]["text"] == b["choices"][0]["text"] for a, b in zip(solo, batched))
 

@@ -10,6 +10,7 @@ of the timed steps.
 
     python benchmarks/train_speed.py            # all contenders, prints the markdown table
     python benchmarks/train_speed.py --steps 5  # timed steps per contender (default 5)
+    python benchmarks/train_speed.py --rounds 3 # each contender 3 times, alternating; medians
 """
 
 from __future__ import annotations
@@ -131,6 +132,14 @@ def _run(name: str, adapter_dir: str, steps: int) -> dict:
     }
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One contender over several rounds: the median of each figure, the first round's losses."""
+    merged = dict(runs[0])
+    for key in ("step_s", "cpu_s", "tokens_per_s", "peak_rss_gb"):
+        merged[key] = statistics.median(r[key] for r in runs)
+    return merged
+
+
 def _table(results: dict[str, dict]) -> str:
     lines = [
         "| contender | tokens/s | step (s) | CPU s/step | peak RSS (GB) | losses (warm-up, then timed) |",
@@ -169,6 +178,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per contender")
     parser.add_argument("--only", nargs="*", choices=list(CONTENDERS), help="run only these contenders")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every contender this many times, alternating, and report the medians")
     parser.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one, print JSON
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,19 +189,21 @@ def main() -> int:
         return 0
 
     names = args.only or list(CONTENDERS)
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         _make_initial_adapter(tmp)
-        for name in names:
-            print(f"running {name} …", file=sys.stderr, flush=True)
-            out = subprocess.run(
-                [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps)],
-                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-            )
-            if out.returncode != 0:
-                print(out.stderr, file=sys.stderr)
-                raise SystemExit(f"contender {name} failed")
-            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        for round_ in range(args.rounds):
+            for name in names:
+                print(f"round {round_ + 1}/{args.rounds}: running {name} …", file=sys.stderr, flush=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps)],
+                    capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                )
+                if out.returncode != 0:
+                    print(out.stderr, file=sys.stderr)
+                    raise SystemExit(f"contender {name} failed")
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {name: _median_run(rs) for name, rs in runs.items()}
     print(_table(results))
     if {"peft", "lorakit", "floor"} <= results.keys():
         print(_summary(results))

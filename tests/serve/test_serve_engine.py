@@ -39,10 +39,10 @@ def _engine(model_dir, adapters: dict, **kwargs) -> Engine:
     return Engine(model, tokenizer, registry, **kwargs)
 
 
-def _submit(engine: Engine, ids: list[int], adapter: str = BASE, **params) -> Collector:
+def _submit(engine: Engine, ids: list[int], adapter: str = BASE, stream: bool = True, **params) -> Collector:
     collector = Collector()
     params = {"max_tokens": 8, "temperature": 0, **params}
-    engine.submit(GenerationRequest(ids, SamplingParams(**params), collector, adapter=adapter))
+    engine.submit(GenerationRequest(ids, SamplingParams(**params), collector, adapter=adapter, stream=stream))
     return collector
 
 
@@ -81,6 +81,16 @@ def test_requests_join_and_leave_between_steps(serve_model_dir, adapter_dirs):
     tokenizer = engine.tokenizer
     expected = reference_tokens(serve_model_dir, adapter_dirs["a2"], later[0][0], 6)
     assert collectors[3].text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_a_request_that_does_not_stream_gets_one_update_with_all_the_text(serve_model_dir, adapter_dirs):
+    adapters = {"a0": adapter_dirs["a0"]}
+    engine = _engine(serve_model_dir, adapters)
+    streamed = _submit(engine, [5, 6, 7], "a0", max_tokens=9, ignore_eos=True)
+    whole = _submit(engine, [5, 6, 7], "a0", stream=False, max_tokens=9, ignore_eos=True)
+    _drain(engine)
+    assert len(streamed.updates) > 1 and len(whole.updates) == 1
+    assert whole.text == streamed.text and whole.last.completion_tokens == 9 and whole.last.finish_reason == "length"
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(serve_model_dir, adapter_dirs):

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.models import load_model
     from lorakit.serve import AdapterRegistry, Engine, create_app
-    from lorakit.serve.server import run_server
+    from lorakit.serve.server import serving
 
     adapters = [parse_adapter_spec(spec) for spec in args.adapter]
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -66,9 +66,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit: warning: listening on {args.host} without --api-key: anyone who can reach this port "
               "can use the server", file=sys.stderr)
     names = ", ".join([name, *registry.names()])
-    print(f"serving {names} at http://{args.host}:{args.port}/v1", file=sys.stderr)
-    with engine:
-        run_server(app, args.host, args.port, log_level=args.log_level)
+    with serving(app, args.host, args.port, log_level=args.log_level):
+        print(f"serving {names} at http://{args.host}:{args.port}/v1", file=sys.stderr)
+        try:
+            engine.run()  # the model runs in the main thread, HTTP in a side thread (see Engine.run)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 

@@ -4,12 +4,12 @@
     registry = AdapterRegistry(model, "smollm2-135m", max_adapters=8)
     registry.add("support", "runs/support")       # before start; later through engine.call(...)
     engine = Engine(model, tokenizer, registry, max_batch_size=32)
-    with engine:
-        run_server(create_app(engine, "smollm2-135m"), "127.0.0.1", 8000)   # lorakit.serve.server
+    with serving(create_app(engine, "smollm2-135m"), "127.0.0.1", 8000):  # lorakit.serve.server: HTTP in a thread
+        engine.run()                                                      # the model in this one, until Ctrl-C
 
 `Engine` batches requests for different adapters into one decode loop (continuous batching);
 `create_app` is the FastAPI app; `AdapterRegistry` loads, evicts and reloads adapters.
-FastAPI and uvicorn are needed only by `create_app`/`run_server` (`pip install 'lorakit[serve]'`).
+FastAPI and uvicorn are needed only by `create_app` and `lorakit.serve.server` (`pip install 'lorakit[serve]'`).
 """
 
 from .engine import Engine, EngineStats, GenerationRequest, Update

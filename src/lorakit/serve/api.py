@@ -115,7 +115,7 @@ def create_app(
         body.refuse_unsupported()
         adapter = adapter_for(body.model)
         ids = chat_prompt_ids(tokenizer, [m.as_template_input() for m in body.messages])
-        job = _Job(engine, [ids], params_for(body, [ids], "messages"), adapter)
+        job = _Job(engine, [ids], params_for(body, [ids], "messages"), adapter, bool(body.stream))
         rid = P.new_id("chatcmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -129,7 +129,7 @@ def create_app(
         adapter = adapter_for(body.model)
         prompts = body.prompts()
         ids = [tokenizer(p).input_ids for p in prompts]
-        job = _Job(engine, ids, params_for(body, ids, "prompt"), adapter)
+        job = _Job(engine, ids, params_for(body, ids, "prompt"), adapter, bool(body.stream))
         rid = P.new_id("cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -169,7 +169,9 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
 class _Job:
     """The engine requests made for one HTTP call; their updates arrive on one asyncio queue."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[list[int]], params: list[SamplingParams], adapter: str) -> None:
+    def __init__(
+        self, engine: Engine, prompt_ids: list[list[int]], params: list[SamplingParams], adapter: str, stream: bool
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.engine = engine
         self.queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
@@ -178,7 +180,7 @@ class _Job:
             return lambda update: loop.call_soon_threadsafe(self.queue.put_nowait, (index, update))
 
         self.requests = [
-            GenerationRequest(list(ids), p, listener(i), adapter=adapter)
+            GenerationRequest(list(ids), p, listener(i), adapter=adapter, stream=stream)
             for i, (ids, p) in enumerate(zip(prompt_ids, params))
         ]
         self.open = set(range(len(self.requests)))
