@@ -52,8 +52,11 @@ def test_serve_command_end_to_end(serve_model_dir, adapter_dirs):
            "--adapter", f"a0={adapter_dirs['a0']}", "--port", str(port), "--max-adapters", "1",
            "--log-level", "warning"]
     env = {**os.environ, "LORAKIT_API_KEY": "k1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C must work even if this test runs where SIGINT is ignored (background jobs inherit that)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
+    stopped = False
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -72,10 +75,10 @@ def test_serve_command_end_to_end(serve_model_dir, adapter_dirs):
         reply = httpx.post(url + "/v1/completions", headers=headers,
                            json={"model": "a0", "prompt": "w1 w2", "max_tokens": 3, "temperature": 0}).json()
         assert 1 <= reply["usage"]["completion_tokens"] <= 3
+        proc.send_signal(signal.SIGINT)  # Ctrl-C stops the engine (main thread) and the HTTP thread
+        assert proc.wait(timeout=20) == 0
+        stopped = True
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        if not stopped:
             proc.kill()
             proc.wait()

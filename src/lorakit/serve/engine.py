@@ -198,8 +198,8 @@ class Engine:
     def _take_inbox(self, block: bool) -> bool:
         """Apply queued commands; False once asked to stop."""
         while True:
-            try:
-                item = self._inbox.get(block=block)
+            try:  # a blocking wait wakes now and then, so Ctrl-C reaches a main thread that serves
+                item = self._inbox.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
                 return True
             block = False
