@@ -20,7 +20,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m lorakit demo
+	$(PY) -m lorakit demo
 
 # training speed and memory against PEFT (docs/benchmarks.md)
 bench: setup

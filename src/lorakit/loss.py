@@ -2,7 +2,8 @@
 
 `causal_lm_loss` returns the *sum* of token losses and the number of target tokens, so that a
 step can divide by the tokens of the whole optimizer step (grad accumulation, several ranks)
-and get the same number however the batch is split.
+and get the same number however the batch is split. The count is a tensor on the labels'
+device: turning it into a Python int would wait for the GPU at every micro-batch.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return body, head
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 256) -> tuple[Tensor, int]:
-    """(sum of next-token cross-entropies over labels != -100, number of such tokens)."""
+def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """(sum of next-token cross-entropies over labels != -100, number of such tokens as a 0-dim tensor)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     target = labels[:, 1:]
-    n_tokens = int((target != IGNORE).sum())
+    n_tokens = (target != IGNORE).sum()
     inner, scope = _unwrap(model)
     fused = fused_head(inner)
     with scope:

@@ -173,7 +173,7 @@ def _save_final(config: TrainConfig, world: World, forward: nn.Module, tokenizer
             plot_path if plot_path.is_file() else None)
 
 
-def _loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+def _loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return causal_lm_loss(model, batch)  # looked up at each call, so tests can wrap it
 
 
@@ -338,7 +338,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
 
 
 @torch.no_grad()
-def _evaluate(loss_of: Callable[[dict[str, Tensor]], tuple[Tensor, int]], model: nn.Module,
+def _evaluate(loss_of: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]], model: nn.Module,
               examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device, world: World) -> float:
     """`evaluate_loss` with the batches shared out over the ranks (each runs as many; fillers count 0)."""
     was_training = model.training
