@@ -46,7 +46,7 @@ class FusedSwiGLU:
             if name is None or layer.fan_in_fan_out or layer.base_layer.bias is not None:
                 return None
             W, A, B = layer.base_layer.weight, layer.lora_A[name].weight, layer.lora_B[name].weight
-            if W.requires_grad or not W.dtype == A.dtype == B.dtype == x.dtype:
+            if W.requires_grad or W.dtype != x.dtype or A.dtype != B.dtype:
                 return None
             parts.append((W, A, B, layer.scaling[name]))
         return parts

@@ -66,18 +66,20 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 
 
 class _LoraSwiGLU(torch.autograd.Function):
+    # The base runs in x's dtype; the low-rank products in the adapters' (fp32 beside a bf16 base),
+    # cast the way `_LoraLinear` casts them.
     @staticmethod
     def forward(ctx, x, wg, ag, bg, sg, wu, au, bu, su, wd, ad, bd, sd) -> Tensor:  # noqa: PLR0913
-        shape = x.shape
+        shape, dt, lo = x.shape, x.dtype, ag.dtype
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         a_gu = torch.cat([ag, au])  # (rg + ru, in): one A-matmul for both projections
-        xa_gu = x2 @ a_gu.t()  # (tokens, rg + ru)
+        xa_gu = x2.to(lo) @ a_gu.t()  # (tokens, rg + ru)
         xa_g, xa_u = xa_gu.split([ag.shape[0], au.shape[0]], dim=1)
-        g = (x2 @ wg.t()).addmm_(xa_g, bg.t(), alpha=sg)  # (tokens, inter)
-        u = (x2 @ wu.t()).addmm_(xa_u, bu.t(), alpha=su)
+        g = (x2 @ wg.t()).addmm_(xa_g.to(dt), bg.t().to(dt), alpha=sg)  # (tokens, inter)
+        u = (x2 @ wu.t()).addmm_(xa_u.to(dt), bu.t().to(dt), alpha=su)
         h = F.silu(g).mul_(u)
-        xa_d = h @ ad.t()  # (tokens, rd)
-        out = (h @ wd.t()).addmm_(xa_d, bd.t(), alpha=sd)
+        xa_d = h.to(lo) @ ad.t()  # (tokens, rd)
+        out = (h @ wd.t()).addmm_(xa_d.to(dt), bd.t().to(dt), alpha=sd)
         ctx.save_for_backward(x2, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd)
         ctx.scalings = (sg, su, sd)
         ctx.shape = shape
@@ -87,26 +89,29 @@ class _LoraSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x2, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd = ctx.saved_tensors
         sg, su, sd = ctx.scalings
+        dt, lo = g.dtype, a_gu.dtype
         go = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, hidden)
         silu = F.silu(g)
         h = silu * u
         # down projection
-        g_xa_d = (go @ bd).mul_(sd)
-        grad_ad = g_xa_d.t() @ h
-        grad_bd = (go.t() @ xa_d).mul_(sd)
-        del h
-        g_h = (go @ wd).addmm_(g_xa_d, ad)  # (tokens, inter)
+        go_lo = go.to(lo)
+        g_xa_d = (go_lo @ bd).mul_(sd)
+        grad_ad = g_xa_d.t() @ h.to(lo)
+        grad_bd = (go_lo.t() @ xa_d).mul_(sd)
+        del h, go_lo
+        g_h = (go @ wd).addmm_(g_xa_d.to(dt), ad.to(dt))  # (tokens, inter)
         g_u = g_h * silu
         del silu
         g_g = torch.ops.aten.silu_backward(g_h.mul_(u), g)
         # gate and up projections, sharing one A-matmul
         rg = bg.shape[1]
         xa_g, xa_u = xa_gu.split([rg, bu.shape[1]], dim=1)
-        g_xa_gu = torch.cat([(g_g @ bg).mul_(sg), (g_u @ bu).mul_(su)], dim=1)  # (tokens, rg + ru)
-        grad_a_gu = g_xa_gu.t() @ x2
-        grad_bg = (g_g.t() @ xa_g).mul_(sg)
-        grad_bu = (g_u.t() @ xa_u).mul_(su)
-        grad_x = (g_g @ wg).addmm_(g_u, wu).addmm_(g_xa_gu, a_gu).reshape(ctx.shape)
+        g_g_lo, g_u_lo = g_g.to(lo), g_u.to(lo)
+        g_xa_gu = torch.cat([(g_g_lo @ bg).mul_(sg), (g_u_lo @ bu).mul_(su)], dim=1)  # (tokens, rg + ru)
+        grad_a_gu = g_xa_gu.t() @ x2.to(lo)
+        grad_bg = (g_g_lo.t() @ xa_g).mul_(sg)
+        grad_bu = (g_u_lo.t() @ xa_u).mul_(su)
+        grad_x = (g_g @ wg).addmm_(g_u, wu).addmm_(g_xa_gu.to(dt), a_gu.to(dt)).reshape(ctx.shape)
         grad_ag, grad_au = grad_a_gu.split([rg, grad_a_gu.shape[0] - rg])
         return grad_x, None, grad_ag, grad_bg, None, None, grad_au, grad_bu, None, None, grad_ad, grad_bd, None
 

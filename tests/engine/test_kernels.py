@@ -53,14 +53,17 @@ def test_linear_cross_entropy_matches_plain(chunk, head_grad):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("make, targets", [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
-def test_model_gradients_equal_with_and_without_fast_path(make, targets, monkeypatch):
+@pytest.mark.parametrize("make, targets, dtype", [(tiny_llama, "all-linear", torch.float32),
+                                                  (tiny_llama, "all-linear", torch.bfloat16),
+                                                  (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], torch.float32)],
+                         ids=["llama", "llama-bf16", "gpt2"])
+def test_model_gradients_equal_with_and_without_fast_path(make, targets, dtype, monkeypatch):
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
 
     def grads():
         torch.manual_seed(1)
-        model = get_peft_model(make(), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).train()
-        logits(model, ids).pow(2).mean().backward()
+        model = get_peft_model(make().to(dtype), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).train()
+        logits(model, ids).float().pow(2).mean().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     fast = grads()
@@ -68,7 +71,11 @@ def test_model_gradients_equal_with_and_without_fast_path(make, targets, monkeyp
     plain = grads()
     assert fast.keys() == plain.keys() and fast
     for name in fast:
-        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6)
+        if dtype == torch.float32:
+            torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6)
+        else:  # bf16 rounding differs in where the casts fall; compare relative to each gradient's scale
+            scale = float(plain[name].abs().max())
+            torch.testing.assert_close(fast[name], plain[name], rtol=5e-2, atol=5e-2 * scale)
 
 
 def test_fast_path_is_used_by_default(monkeypatch):
@@ -126,6 +133,29 @@ def test_lora_swiglu_matches_plain(ranks):
     g = torch.randn_like(plain)
     inputs = [x] + [t for p in (gate, up, down) for t in p[1:3]]
     torch.testing.assert_close(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(plain, inputs, g))
+
+
+def test_lora_swiglu_beside_a_bf16_base_matches_three_lora_linears():
+    """bf16 base, fp32 adapters (lorakit's layout): the same casts as `lora_linear`, so the same numbers."""
+    torch.manual_seed(0)
+    d, inter, r = 16, 24, 4
+    x = torch.randn(2, 5, d, dtype=torch.bfloat16, requires_grad=True)
+
+    def weights(out, inp, s):
+        return (torch.randn(out, inp, dtype=torch.bfloat16) / inp**0.5, torch.randn(r, inp, requires_grad=True),
+                torch.randn(out, r, requires_grad=True), s)
+
+    gate, up, down = weights(inter, d, 0.5), weights(inter, d, 2.0), weights(d, inter, 1.5)
+    fast = lora_swiglu(x, gate, up, down)
+    plain = lora_linear(F.silu(lora_linear(x, gate[0], None, *gate[1:])) * lora_linear(x, up[0], None, *up[1:]),
+                        down[0], None, *down[1:])
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(plain)
+    inputs = [x] + [t for p in (gate, up, down) for t in p[1:3]]
+    for a, b in zip(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(plain, inputs, g)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
 
 
 def test_lora_swiglu_gradcheck():

@@ -61,11 +61,12 @@ CASES = [
     (torch.float32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     (torch.bfloat16, None),
     (torch.bfloat16, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+    (torch.bfloat16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
 ]
 
 
 @pytest.mark.parametrize("dtype,targets", CASES,
-                         ids=["fp32-full", "fp32-qv", "fp32-all", "bf16-full", "bf16-qkvo-down"])
+                         ids=["fp32-full", "fp32-qv", "fp32-all", "bf16-full", "bf16-qkvo-down", "bf16-all"])
 def test_activation_formula_equals_what_autograd_keeps(dtype, targets):
     """lorakit's training forward (its loss, its LoRA layers): every byte autograd keeps is counted."""
     model = _tiny_llama(dtype)

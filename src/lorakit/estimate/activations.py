@@ -9,7 +9,7 @@ lorakit's LoRA layer, and checked against autograd's saved tensors in tests/esti
   fp32 rsqrt per token; its normalised value is kept only when the norm's weight trains.
 - LoRA (lorakit's fused `lora_linear`, dropout 0) keeps the layer's input, which the layers
   reading the same tensor share (q/k/v; gate/up), and the fp32 (tokens, r) product x A^T.
-- With LoRA on gate, up and down in the adapters' dtype (fp32), lorakit's fused SwiGLU keeps only
+- With LoRA on gate, up and down, lorakit's fused SwiGLU keeps only
   gate and up (silu and the product are recomputed in backward), and the stacked [A_gate; A_up].
 - Gradient checkpointing (transformers' per-layer, non-reentrant) keeps each layer's input and
   recomputes one layer at a time in backward.
@@ -92,7 +92,7 @@ def lora_layer_bytes(shape: Shape, tokens: int, b: int, adapted: Mapping[str, in
     layer nothing before the first adapter needs a gradient, so its input norm keeps nothing.
     """
     norms = (1 if first else 2) * (NORM_BYTES * shape.hidden + 4)
-    fused = b == ADAPTER_BYTES and FUSED_MLP <= set(adapted)
+    fused = FUSED_MLP <= set(adapted)
     mlp = (2 if fused else 3) * b * shape.intermediate
     inputs = {n: r for n, r in adapted.items() if not (fused and n == "down_proj")}  # the product is recomputed
     adapters = sum(ADAPTER_BYTES * r for r in adapted.values()) + _adapter_input_bytes(shape, b, inputs)
