@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._fast_names: dict[tuple, tuple | None] = {}  # (names, training) -> fast-path plan; see _fast_plan
 
     # -- adapters -----------------------------------------------------------------------------
     @property
@@ -68,6 +70,7 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._fast_names.clear()
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
@@ -189,6 +192,7 @@ class Linear(LoraLayer):
                 norm = LF.dora_weight_norm(weight, self.get_delta_weight(name).to(dtype))
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
         self._mixed_cache = None
+        self._fast_names.clear()
 
     def _init_weights(self, name: str, init: bool | str) -> None:
         if init is False:  # keep nn.Linear's random init for both A and B (useful in tests)
@@ -251,28 +255,42 @@ class Linear(LoraLayer):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        request = self._requested()
-        if request.rows is not None:
-            return self._forward_mixed(x, request.rows, *args, **kwargs)
-        if self._check_merge_state(request.names):
+        # decoding calls this ~200 times a token: the common case takes few Python steps
+        route = current_route()
+        if route is not None and route.rows is not None:
+            return self._forward_mixed(x, route.rows, *args, **kwargs)
+        names = self.active_adapters if route is None else route.names
+        if self.merged_adapters and self._check_merge_state(tuple(names)):
             return self.base_layer(x, *args, **kwargs)
-        names = [n for n in request.names if n in self.r]
-        if len(names) == 1 and not args and not kwargs and self._fast_path_ok(names[0]):
-            return self._fast_forward(names[0], x)
+        plan = None if args or kwargs or self.merged_adapters else self._fast_plan(names)
+        if plan is not None:
+            name, A, B = plan
+            return lora_linear(x, self._weight_out_in(), self.base_layer.bias, A.weight, B.weight, self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         for name in names:
-            result = result + self._adapter_output(name, x, result).to(result.dtype)
+            if name in self.r:
+                result = result + self._adapter_output(name, x, result).to(result.dtype)
         return result
 
     def fast_adapter(self) -> str | None:
         """The one adapter this call would run on the fused fast path, or None if it needs the general one."""
         if self.merged_adapters:
             return None
-        request = self._requested()
-        if request.rows is not None:
+        route = current_route()
+        if route is not None and route.rows is not None:
             return None
-        names = [n for n in request.names if n in self.r]
-        return names[0] if len(names) == 1 and self._fast_path_ok(names[0]) else None
+        plan = self._fast_plan(self.active_adapters if route is None else route.names)
+        return None if plan is None else plan[0]
+
+    def _fast_plan(self, names: Sequence[str]) -> tuple[str, nn.Module, nn.Module] | None:
+        """(adapter, its A and B modules) when `names` asks for one adapter the fused kernel covers,
+        else None; cached per (names, train/eval) until update_layer/delete_adapter change the layer."""
+        key = (tuple(names), self.training)
+        if key not in self._fast_names:
+            present = [n for n in names if n in self.r]
+            ok = len(present) == 1 and self._fast_path_ok(present[0])
+            self._fast_names[key] = (present[0], self.lora_A[present[0]], self.lora_B[present[0]]) if ok else None
+        return self._fast_names[key]
 
     def _fast_path_ok(self, name: str) -> bool:
         """The fused kernel covers plain LoRA on a plain nn.Linear/Conv1D without active dropout."""
@@ -281,16 +299,6 @@ class Linear(LoraLayer):
             and not self.uses_dora(name)
             and self.lora_B[name].bias is None
             and (not self.training or isinstance(self.lora_dropout[name], nn.Identity))
-        )
-
-    def _fast_forward(self, name: str, x: Tensor) -> Tensor:
-        return lora_linear(
-            x,
-            self._weight_out_in(),
-            self.base_layer.bias,
-            self.lora_A[name].weight,
-            self.lora_B[name].weight,
-            self.scaling[name],
         )
 
     def _adapter_output(self, name: str, x: Tensor, base_result: Tensor) -> Tensor:

@@ -79,9 +79,10 @@ def test_model_gradients_equal_with_and_without_fast_path(make, targets, dtype, 
 
 
 def test_fast_path_is_used_by_default(monkeypatch):
+    import lorakit.layers
+
     calls = []
-    original = Linear._fast_forward
-    monkeypatch.setattr(Linear, "_fast_forward", lambda self, *a: calls.append(1) or original(self, *a))
+    monkeypatch.setattr(lorakit.layers, "lora_linear", lambda *a: calls.append(1) or lora_linear(*a))
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).train()
     logits(model, torch.randint(0, 100, (1, 4))).sum().backward()
     assert len(calls) == 2  # one per layer
@@ -188,3 +189,30 @@ def test_fused_mlp_is_used_in_training_and_not_in_inference(monkeypatch):
     assert len(calls) == 2
     base = model.unload()
     assert all("forward" not in m.__dict__ for m in base.modules())
+
+
+def test_fast_path_choice_follows_mode_and_adapter_changes():
+    """The per-layer cache of the fast-path choice is keyed by the adapters asked for and train/eval,
+    and dropped when adapters are added or deleted."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"],
+                                                    init_lora_weights=False))
+    ids = torch.randint(0, 100, (1, 6))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    model.train()
+    assert layer.fast_adapter() is None  # dropout is active in training: the general path
+    assert not torch.equal(logits(model, ids), logits(model, ids))
+    model.eval()
+    assert layer.fast_adapter() == "default"
+    eval_out = logits(model, ids)
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.set_adapter("other")
+    assert layer.fast_adapter() == "other"
+    other_out = logits(model, ids)
+    assert not torch.allclose(other_out, eval_out)
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(model, ids), eval_out)
+    model.delete_adapter("other")
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.set_adapter("other")
+    assert not torch.allclose(logits(model, ids), other_out)  # the new "other", not a cached old one
