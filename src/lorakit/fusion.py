@@ -1,10 +1,11 @@
 """Block-level fast path: a LoRA-adapted SwiGLU MLP (Llama, Mistral, Qwen2, …) as one autograd node.
 
 The MLP's own forward, down(act(gate(x)) * up(x)), keeps four (tokens, intermediate) tensors
-alive for backward; `kernels.lora_swiglu` keeps two. `attach` gives every such MLP in a model a
-forward that takes the fused kernel whenever its three projections are on the single-adapter
-fast path with gradients on, and the module's own forward otherwise (inference, mixed batches,
-merged or disabled adapters, dropout, DoRA, biases). `detach` undoes it.
+alive for backward; `kernels.lora_swiglu` keeps two. In inference it skips three module calls
+per layer, which decoding (one token at a time) feels. `attach` gives every such MLP in a model
+a forward that takes the fused kernel whenever its three projections are on the single-adapter
+fast path, and the module's own forward otherwise (mixed batches, merged or disabled adapters,
+dropout in training, DoRA, biases). `detach` undoes it.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ class FusedSwiGLU:
         return lora_swiglu(x, *parts)
 
     def _fast_parts(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, float]] | None:
-        if not torch.is_grad_enabled():
-            return None
         parts = []
         for attr in PARTS:
             layer = getattr(self.mlp, attr)

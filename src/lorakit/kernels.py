@@ -121,7 +121,11 @@ LoraWeights = tuple[Tensor, Tensor, Tensor, float]  # (W (out, in), A (r, in), B
 
 def lora_swiglu(x: Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights) -> Tensor:
     """down(silu(gate(x)) * up(x)) where each projection is a LoRA linear without bias, base weights frozen."""
-    return _LoraSwiGLU.apply(x, *gate, *up, *down)
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for p in (gate, up, down) for t in p[1:3])):
+        return _LoraSwiGLU.apply(x, *gate, *up, *down)
+    # inference: `lora_linear`'s own few-kernel path, so the numbers equal the unfused layers'
+    h = F.silu(lora_linear(x, gate[0], None, *gate[1:])).mul_(lora_linear(x, up[0], None, *up[1:]))
+    return lora_linear(h, down[0], None, *down[1:])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

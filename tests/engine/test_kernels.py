@@ -173,20 +173,25 @@ def test_lora_swiglu_gradcheck():
                                     (x, *gate[1:3], *up[1:3], *down[1:3]))
 
 
-def test_fused_mlp_is_used_in_training_and_not_in_inference(monkeypatch):
+def test_fused_mlp_is_used_in_training_and_inference_but_not_without_adapters(monkeypatch):
     import lorakit.fusion as fusion
 
     calls = []
     monkeypatch.setattr(fusion, "lora_swiglu", lambda *a: calls.append(1) or lora_swiglu(*a))
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear")).train()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
     ids = torch.randint(0, 100, (1, 4))
     logits(model, ids).sum().backward()
     assert len(calls) == 2  # one per layer
+    model.eval()
     with torch.no_grad():
-        logits(model, ids)
+        fused = logits(model, ids)
+    assert len(calls) == 4
     with model.disable_adapter():
         logits(model, ids)
-    assert len(calls) == 2
+    assert len(calls) == 4
+    with torch.no_grad():  # inference through the fused MLP gives exactly the unfused numbers
+        fusion.detach(model.base_model.model)
+        assert torch.equal(logits(model, ids), fused)
     base = model.unload()
     assert all("forward" not in m.__dict__ for m in base.modules())
 
