@@ -84,7 +84,8 @@ def full_layer_bytes(shape: Shape, tokens: int, b: int) -> int:
     return tokens * (norms + projection_inputs + _attention(shape, b) + mlp)
 
 
-def lora_layer_bytes(shape: Shape, tokens: int, b: int, adapted: Mapping[str, int], first: bool = False) -> int:
+def lora_layer_bytes(shape: Shape, tokens: int, b: int, adapted: Mapping[str, int], first: bool = False,
+                     fused_mlp: bool = True) -> int:
     """One frozen decoder layer with LoRA on `adapted` (short name -> rank).
 
     A frozen layer still keeps what its input's gradient needs: the norms' fp32 inputs, SDPA's
@@ -92,7 +93,7 @@ def lora_layer_bytes(shape: Shape, tokens: int, b: int, adapted: Mapping[str, in
     layer nothing before the first adapter needs a gradient, so its input norm keeps nothing.
     """
     norms = (1 if first else 2) * (NORM_BYTES * shape.hidden + 4)
-    fused = FUSED_MLP <= set(adapted)
+    fused = fused_mlp and FUSED_MLP <= set(adapted)
     mlp = (2 if fused else 3) * b * shape.intermediate
     inputs = {n: r for n, r in adapted.items() if not (fused and n == "down_proj")}  # the product is recomputed
     adapters = sum(ADAPTER_BYTES * r for r in adapted.values()) + _adapter_input_bytes(shape, b, inputs)
@@ -119,14 +120,16 @@ def outside_layers_bytes(shape: Shape, batch: int, seq: int, b: int, full: bool)
 
 
 def activation_bytes(
-    shape: Shape, batch: int, seq: int, b: int, adapted: Mapping[str, int] | None, checkpointing: bool
+    shape: Shape, batch: int, seq: int, b: int, adapted: Mapping[str, int] | None, checkpointing: bool,
+    fused_mlp: bool = True,
 ) -> Activations:
-    """Activations of one step (`adapted=None`: full fine-tuning)."""
+    """Activations of one step (`adapted=None`: full fine-tuning). `fused_mlp=False` for bases whose
+    MLP lorakit cannot fuse (a quantized base)."""
     tokens = batch * seq
     full = adapted is None
-    layer = full_layer_bytes(shape, tokens, b) if full else lora_layer_bytes(shape, tokens, b, adapted)
+    layer = full_layer_bytes(shape, tokens, b) if full else lora_layer_bytes(shape, tokens, b, adapted, fused_mlp=fused_mlp)
     outside = outside_layers_bytes(shape, batch, seq, b, full)
     if checkpointing:
         return Activations(kept=shape.layers * tokens * b * shape.hidden + outside, recompute=layer)
-    first = layer if full else lora_layer_bytes(shape, tokens, b, adapted, first=True)
+    first = layer if full else lora_layer_bytes(shape, tokens, b, adapted, first=True, fused_mlp=fused_mlp)
     return Activations(kept=first + (shape.layers - 1) * layer + outside)

@@ -149,7 +149,8 @@ def _memory(
     weights = M.weight_bytes(facts.base_params, adapter, b, facts.quantizable if method == "qlora" else 0)
     gradients = M.gradient_bytes(trainable, param_bytes)
     optimizer_states = M.optimizer_bytes(trainable, optimizer, param_bytes, master)
-    activations = activation_bytes(facts.shape, batch, seq, b, None if full else facts.adapted, checkpointing)
+    activations = activation_bytes(facts.shape, batch, seq, b, None if full else facts.adapted, checkpointing,
+                                   fused_mlp=method == "lora")  # bitsandbytes layers: no fused MLP
     if method == "qlora":  # one base weight at a time is dequantised to `dtype` for its matmul
         activations = Activations(activations.kept + facts.largest_linear * b, activations.recompute)
     if facts.fused_loss:
