@@ -17,8 +17,8 @@ from .kernels import lora_swiglu
 from .layers import Linear
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
-# transformers MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
-SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+# model type -> its transformers MLP class, whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
+SWIGLU_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -53,7 +53,7 @@ class FusedSwiGLU:
 
 def attach(model: nn.Module) -> None:
     for module in model.modules():
-        if type(module).__name__ not in SWIGLU_MLPS or isinstance(module.__dict__.get("forward"), FusedSwiGLU):
+        if type(module).__name__ not in SWIGLU_MLPS.values() or isinstance(module.__dict__.get("forward"), FusedSwiGLU):
             continue
         if all(isinstance(getattr(module, p, None), Linear) for p in PARTS) and _is_silu(module.act_fn):
             module.forward = FusedSwiGLU(module)

@@ -262,7 +262,7 @@ class Linear(LoraLayer):
         names = self.active_adapters if route is None else route.names
         if self.merged_adapters and self._check_merge_state(tuple(names)):
             return self.base_layer(x, *args, **kwargs)
-        plan = None if args or kwargs or self.merged_adapters else self._fast_plan(names)
+        plan = None if args or kwargs else self._fast_plan(names)  # merged adapters returned or raised above
         if plan is not None:
             name, A, B = plan
             return lora_linear(x, self._weight_out_in(), self.base_layer.bias, A.weight, B.weight, self.scaling[name])

@@ -108,7 +108,7 @@ class PeftModel(nn.Module):
         if adapter_names is not None:
             _check_rows(adapter_names, args, kwargs)
             expand = _generation_expansion(self.base_model.model, kwargs)
-            order = _grouping_order(adapter_names, kwargs)
+            order = _grouping_order(self.base_model.model, adapter_names, kwargs)
             if order is not None:  # rows of one adapter side by side: the layers then skip their gathers
                 args, kwargs = _take_rows(args, order, len(adapter_names)), _take_rows(kwargs, order, len(adapter_names))
                 with self.adapter_scope([adapter_names[i] for i in order], expand):
@@ -293,11 +293,19 @@ def _check_rows(adapter_names: Sequence[str], args: tuple, kwargs: dict) -> None
         raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
 
 
-def _grouping_order(rows: Sequence[str], kwargs: dict) -> list[int] | None:
+# generate arguments that see rows in batch order (or return more than sequences): rows stay put
+_ROW_ORDER_ARGS = ("streamer", "prefix_allowed_tokens_fn", "logits_processor", "stopping_criteria", "assistant_model",
+                   "negative_prompt_ids", "negative_prompt_attention_mask", "return_dict_in_generate")
+
+
+def _grouping_order(model: nn.Module, rows: Sequence[str], kwargs: dict) -> list[int] | None:
     """A stable order putting each adapter's rows together, when it changes anything and `generate`
     returns a plain tensor of sequences that can be put back in the caller's order."""
     order = sorted(range(len(rows)), key=lambda i: rows[i])
-    if order == list(range(len(rows))) or kwargs.get("return_dict_in_generate") or kwargs.get("streamer") is not None:
+    if order == list(range(len(rows))) or any(kwargs.get(k) is not None for k in _ROW_ORDER_ARGS):
+        return None
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if getattr(config, "return_dict_in_generate", False):
         return None
     return order
 

@@ -71,6 +71,19 @@ def test_generate_rows_equal_alone(model, kwargs):
         assert torch.equal(out[i * k : (i + 1) * k], alone), name
 
 
+def test_generate_with_a_dict_result_keeps_rows_in_place(model):
+    """With return_dict_in_generate the rows are not regrouped (scores etc. stay in the caller's order)."""
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(6))
+    rows = ["c", "a", "b"]
+    out = model.generate(ids, adapter_names=rows, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                         output_scores=True)
+    plain = model.generate(ids, adapter_names=rows, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out.sequences, plain)
+    for i, name in enumerate(rows):
+        alone = _generate_alone(model, name, ids[i : i + 1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(out.sequences[i : i + 1], alone), name
+
+
 @pytest.mark.parametrize("rows", [["a", "a", "b", "b"], ["a", "b", "a", "b"], ["a", "a", "a", "c"]],
                          ids=["grouped", "interleaved", "uneven"])
 def test_row_layouts(model, rows):

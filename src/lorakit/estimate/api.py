@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from . import memory as M
+from ..fusion import SWIGLU_MLPS
 from .activations import ADAPTER_BYTES, Activations, activation_bytes
 from .loss import engine_chunk, fused_loss_bytes, plain_loss_bytes
 from .params import ModelFacts, ParamCount, model_facts, safetensors_file_bytes
@@ -150,7 +151,7 @@ def _memory(
     gradients = M.gradient_bytes(trainable, param_bytes)
     optimizer_states = M.optimizer_bytes(trainable, optimizer, param_bytes, master)
     activations = activation_bytes(facts.shape, batch, seq, b, None if full else facts.adapted, checkpointing,
-                                   fused_mlp=method == "lora")  # bitsandbytes layers: no fused MLP
+                                   fused_mlp=method == "lora" and facts.model_type in SWIGLU_MLPS)  # not on bitsandbytes layers
     if method == "qlora":  # one base weight at a time is dequantised to `dtype` for its matmul
         activations = Activations(activations.kept + facts.largest_linear * b, activations.recompute)
     if facts.fused_loss:
