@@ -70,6 +70,10 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._adapters_changed()
+
+    def _adapters_changed(self) -> None:
+        """Drop what was cached about this layer's adapters."""
         self._fast_names.clear()
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
@@ -164,7 +168,8 @@ class Linear(LoraLayer):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_norms: dict[str, Tensor] = {}
-        self._mixed_cache: tuple | None = None
+        self._mixed_cache: tuple | None = None  # see _stacked
+        self._rows_cache: tuple | None = None  # see _row_plan
 
     def update_layer(
         self,
@@ -191,8 +196,11 @@ class Linear(LoraLayer):
                 weight = self._weight_out_in().to(dtype)
                 norm = LF.dora_weight_norm(weight, self.get_delta_weight(name).to(dtype))
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
-        self._mixed_cache = None
-        self._fast_names.clear()
+        self._adapters_changed()
+
+    def _adapters_changed(self) -> None:
+        super()._adapters_changed()
+        self._mixed_cache = self._rows_cache = None
 
     def _init_weights(self, name: str, init: bool | str) -> None:
         if init is False:  # keep nn.Linear's random init for both A and B (useful in tests)
@@ -337,14 +345,14 @@ class Linear(LoraLayer):
             raise ValueError("mixed-adapter batches cannot run while adapters are merged; unmerge first")
         if len(rows) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows")
-        result = self.base_layer(x, *args, **kwargs)
-        present = tuple(sorted(n for n in set(rows) if n in self.r))
+        if not args and not kwargs and type(self.base_layer) in _plain_linear_types():  # skip a module call
+            result = F.linear(x, self._weight_out_in(), self.base_layer.bias)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        present, (src, dst_rows, dst_slots) = self._row_plan(rows, x.device)
         if not present:
             return result
-        if any(self.uses_dora(n) for n in present):
-            raise ValueError("mixed-adapter batches support plain LoRA adapters (not DoRA)")
         A_stack, B_stack, bias_stack = self._stacked(present)
-        src, dst_rows, dst_slots = (t.to(x.device) if t is not None else None for t in _group_plan(rows, present))
         groups = len(present)
         xs = x.to(A_stack.dtype)
         xs = xs if src is None else xs.index_select(0, src)  # (groups * size, ..., in)
@@ -360,6 +368,21 @@ class Linear(LoraLayer):
         if dst_rows.shape[0] == result.shape[0]:  # every row has an adapter (dst_rows is 0, 1, …)
             return result.add_(delta)
         return result.index_add_(0, dst_rows, delta)
+
+    def _row_plan(self, rows: tuple[str, ...], device: torch.device) -> tuple[tuple[str, ...], tuple]:
+        """This layer's adapters among `rows` and their `_group_plan` on `device`; kept for the same
+        `rows` object, which one mixed `generate` passes to every layer at every step."""
+        cached = self._rows_cache
+        if cached is not None and cached[0] is rows and cached[1] == device:
+            return cached[2], cached[3]
+        present = tuple(sorted(n for n in set(rows) if n in self.r))
+        if any(self.uses_dora(n) for n in present):
+            raise ValueError("mixed-adapter batches support plain LoRA adapters (not DoRA)")
+        plan = (None, None, None)
+        if present:
+            plan = tuple(t.to(device) if t is not None else None for t in _group_plan(rows, present))
+        self._rows_cache = (rows, device, present, plan)
+        return present, plan
 
     def _stacked(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
         """Adapters stacked for batched matmuls, cached until an adapter's weights change.
