@@ -349,10 +349,10 @@ class Linear(LoraLayer):
             result = F.linear(x, self._weight_out_in(), self.base_layer.bias)
         else:
             result = self.base_layer(x, *args, **kwargs)
-        present, (src, dst_rows, dst_slots) = self._row_plan(rows, x.device)
+        present, (src, dst_rows, dst_slots), stacked = self._row_plan(rows, x.device)
         if not present:
             return result
-        A_stack, B_stack, bias_stack = self._stacked(present)
+        A_stack, B_stack, bias_stack = stacked
         groups = len(present)
         xs = x.to(A_stack.dtype)
         xs = xs if src is None else xs.index_select(0, src)  # (groups * size, ..., in)
@@ -369,20 +369,22 @@ class Linear(LoraLayer):
             return result.add_(delta)
         return result.index_add_(0, dst_rows, delta)
 
-    def _row_plan(self, rows: tuple[str, ...], device: torch.device) -> tuple[tuple[str, ...], tuple]:
-        """This layer's adapters among `rows` and their `_group_plan` on `device`; kept for the same
-        `rows` object, which one mixed `generate` passes to every layer at every step."""
+    def _row_plan(self, rows: tuple[str, ...], device: torch.device) -> tuple[tuple[str, ...], tuple, tuple | None]:
+        """This layer's adapters among `rows`, their `_group_plan` on `device` and their stacked
+        weights. Kept for the same `rows` object, which one mixed `generate` passes to every layer
+        at every step: the weights are checked once per call, not once per token."""
         cached = self._rows_cache
         if cached is not None and cached[0] is rows and cached[1] == device:
-            return cached[2], cached[3]
+            return cached[2]
         present = tuple(sorted(n for n in set(rows) if n in self.r))
         if any(self.uses_dora(n) for n in present):
             raise ValueError("mixed-adapter batches support plain LoRA adapters (not DoRA)")
-        plan = (None, None, None)
+        plan, stacked = (None, None, None), None
         if present:
             plan = tuple(t.to(device) if t is not None else None for t in _group_plan(rows, present))
-        self._rows_cache = (rows, device, present, plan)
-        return present, plan
+            stacked = self._stacked(present)
+        self._rows_cache = (rows, device, (present, plan, stacked))
+        return present, plan, stacked
 
     def _stacked(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
         """Adapters stacked for batched matmuls, cached until an adapter's weights change.

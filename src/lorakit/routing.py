@@ -52,4 +52,5 @@ def use_adapters(names: Sequence[str]) -> AbstractContextManager[None]:
 
 def per_row_adapters(rows: Sequence[str]) -> AbstractContextManager[None]:
     """Row i of the batch uses adapter rows[i] (or BASE for none)."""
-    return route(Route(rows=tuple(rows)))
+    # a new tuple for every call, even when given one: layers keep per-call plans keyed by it
+    return route(Route(rows=tuple(list(rows))))

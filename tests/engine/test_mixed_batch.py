@@ -71,6 +71,23 @@ def test_generate_rows_equal_alone(model, kwargs):
         assert torch.equal(out[i * k : (i + 1) * k], alone), name
 
 
+def test_weights_changed_between_calls_are_seen():
+    """Layers keep stacked adapters between calls; an in-place change to an adapter must show."""
+    torch.manual_seed(0)
+    m = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), "a")
+    m.add_adapter("b", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    m.eval()
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(7))
+    rows = ("a", "b")
+    before = m(ids, adapter_names=rows).logits
+    with torch.no_grad():
+        m.base_model.model.model.layers[0].mlp.down_proj.lora_B["b"].weight.mul_(3)
+    after = m(ids, adapter_names=rows).logits
+    torch.testing.assert_close(after[0], before[0])
+    assert not torch.allclose(after[1], before[1])
+    torch.testing.assert_close(after[1], _alone(m, "b", ids[1:2])[0], rtol=1e-5, atol=1e-5)
+
+
 def test_generate_with_a_dict_result_keeps_rows_in_place(model):
     """With return_dict_in_generate the rows are not regrouped (scores etc. stay in the caller's order)."""
     ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(6))
