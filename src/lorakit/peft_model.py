@@ -104,21 +104,21 @@ class PeftModel(nn.Module):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        expand = 1
-        if adapter_names is not None:
-            _check_rows(adapter_names, args, kwargs)
-            expand = _generation_expansion(self.base_model.model, kwargs)
-            order = _grouping_order(self.base_model.model, adapter_names, kwargs)
-            if order is not None:  # rows of one adapter side by side: the layers then skip their gathers
-                args, kwargs = _take_rows(args, order, len(adapter_names)), _take_rows(kwargs, order, len(adapter_names))
-                with self.adapter_scope([adapter_names[i] for i in order], expand):
-                    out = self.base_model.model.generate(*args, **kwargs)
-                per_row = out.shape[0] // len(order)  # returned sequences per prompt
-                inverse = torch.argsort(torch.tensor(order)).repeat_interleave(per_row) * per_row
-                inverse += torch.arange(per_row).repeat(len(order))
-                return out.index_select(0, inverse.to(out.device))
-        with self.adapter_scope(adapter_names, expand):
-            return self.base_model.model.generate(*args, **kwargs)
+        model = self.base_model.model
+        if adapter_names is None:
+            with self.adapter_scope():
+                return model.generate(*args, **kwargs)
+        _check_rows(adapter_names, args, kwargs)
+        expand = _generation_expansion(model, kwargs)
+        order = _grouping_order(model, adapter_names, kwargs)
+        if order is None:
+            with self.adapter_scope(adapter_names, expand):
+                return model.generate(*args, **kwargs)
+        # each adapter's rows side by side, so that the layers skip their gathers; then back in order
+        n = len(adapter_names)
+        with self.adapter_scope([adapter_names[i] for i in order], expand):
+            out = model.generate(*_take_rows(args, order, n), **_take_rows(kwargs, order, n))
+        return out.index_select(0, _restore_order(order, out.shape[0] // n).to(out.device))
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -322,6 +322,13 @@ def _take_rows(values, order: list[int], batch: int):
     if isinstance(values, dict):
         return {k: take(v) for k, v in values.items()}
     return tuple(take(v) for v in values)
+
+
+def _restore_order(order: list[int], per_row: int) -> torch.Tensor:
+    """Indices that put `generate`'s output (per_row sequences per prompt, prompts in `order`) back
+    in the caller's prompt order."""
+    position = torch.argsort(torch.tensor(order))  # where each original prompt went
+    return (position.repeat_interleave(per_row) * per_row) + torch.arange(per_row).repeat(len(order))
 
 
 def _generation_expansion(model: nn.Module, kwargs: dict) -> int:
