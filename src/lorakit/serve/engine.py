@@ -7,7 +7,7 @@ Each turn of its loop:
 2. admits waiting requests into free batch slots and prefills their prompts together, one
    forward for all of them, each prompt written into its own slot of the KV cache;
 3. runs one decode step for every running request: one token each, one forward, where batch
-   row i uses request i's adapter (`routing.per_row_adapters`) and attends to its own slot;
+   row i uses request i's adapter (a per-row `routing.Route`) and attends to its own slot;
 4. hands each request its new text, and retires finished requests, freeing their slots.
 
 So requests join and leave the running batch between decode steps, and a request's tokens
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.routing import BASE, per_row_adapters
+from lorakit.routing import BASE, Route, route
 
 from .detokenize import TextStream
 from .errors import ServeError
@@ -126,6 +126,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._thread: threading.Thread | None = None
         self._looping = False  # run() is serving in some thread
+        self._route: Route | None = None  # the last batch's adapters; dropped when `call` changes the model
 
     # -- life ----------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -212,6 +213,7 @@ class Engine:
                 self._cancel(item[1])
             elif kind == "call":
                 fn, future = item[1], item[2]
+                self._route = None
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
@@ -285,7 +287,10 @@ class Engine:
     # -- forward passes ------------------------------------------------------------------------
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, adapters: Sequence[str], **kwargs) -> Tensor:
         """Logits of the last kept position per row, shape (rows, vocab)."""
-        with per_row_adapters(adapters):
+        rows = tuple(adapters)
+        if self._route is None or self._route.rows != rows:  # the same Route while the batch is the same:
+            self._route = Route(rows=rows)  # the layers then keep their per-batch plans between steps
+        with route(self._route):
             out = self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
