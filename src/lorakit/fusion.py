@@ -13,12 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import recompute
 from .kernels import lora_swiglu
 from .layers import Linear
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
 # model type -> its transformers MLP class, whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 SWIGLU_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
+# ... and their decoder blocks: input_layernorm -> self_attn (q/k/v), post_attention_layernorm -> mlp
+DECODER_LAYERS = {name.removesuffix("MLP") + "DecoderLayer" for name in SWIGLU_MLPS.values()}
+_MLP_NORM = "_lorakit_input_norm"
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -28,14 +32,16 @@ def _is_silu(module: nn.Module) -> bool:
 class FusedSwiGLU:
     """Stands in for an MLP's `forward` (an instance attribute, so deepcopy and pickling keep working)."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, norm: nn.Module | None = None) -> None:
         self.mlp = mlp
+        self.norm = norm  # the norm whose output the MLP reads (lorakit.recompute)
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         parts = self._fast_parts(x) if not args and not kwargs else None
         if parts is None:
             return type(self.mlp).forward(self.mlp, x, *args, **kwargs)
-        return lora_swiglu(x, *parts)
+        remake, kept = recompute.source(self.norm, x) if torch.is_grad_enabled() else (None, None)
+        return lora_swiglu(x, *parts, remake, kept)
 
     def _fast_parts(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, float]] | None:
         parts = []
@@ -52,14 +58,36 @@ class FusedSwiGLU:
 
 
 def attach(model: nn.Module) -> None:
+    """Fuse every SwiGLU MLP whose projections all carry adapters; in each decoder block, let the
+    adapted projections that read a norm's output remake it in backward (lorakit.recompute)."""
+    for module in model.modules():
+        if type(module).__name__ in DECODER_LAYERS:
+            _link_norms(module)
     for module in model.modules():
         if type(module).__name__ not in SWIGLU_MLPS.values() or isinstance(module.__dict__.get("forward"), FusedSwiGLU):
             continue
         if all(isinstance(getattr(module, p, None), Linear) for p in PARTS) and _is_silu(module.act_fn):
-            module.forward = FusedSwiGLU(module)
+            module.forward = FusedSwiGLU(module, module.__dict__.get(_MLP_NORM))
+
+
+def _link_norms(block: nn.Module) -> None:
+    """input_layernorm -> q/k/v of self_attn; post_attention_layernorm -> the MLP."""
+    attn, mlp = block.self_attn, block.mlp
+    for attr in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(attn, attr, None)
+        if isinstance(layer, Linear):
+            recompute.tap(block.input_layernorm)
+            layer.__dict__["input_norm"] = block.input_layernorm
+    if all(isinstance(getattr(mlp, p, None), Linear) for p in PARTS):
+        recompute.tap(block.post_attention_layernorm)
+        mlp.__dict__[_MLP_NORM] = block.post_attention_layernorm
 
 
 def detach(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), FusedSwiGLU):
             del module.forward
+        module.__dict__.pop(_MLP_NORM, None)
+        if isinstance(module, Linear):
+            module.__dict__["input_norm"] = None
+        recompute.untap(module)

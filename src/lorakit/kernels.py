@@ -21,13 +21,15 @@ from torch import Tensor
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                remake=None, source: Tensor | None = None) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
         out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
         out = out.addmm_(xa.to(out.dtype), B.t().to(out.dtype), alpha=scaling)
-        ctx.save_for_backward(x2, xa, weight, A, B)
+        ctx.save_for_backward(x2 if remake is None else source, xa, weight, A, B)  # see _kept_input
+        ctx.remake = remake
         ctx.scaling = scaling
         ctx.shape = shape
         ctx.weight_needs_grad = weight.requires_grad
@@ -36,7 +38,8 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x2, xa, weight, A, B = ctx.saved_tensors
+        kept, xa, weight, A, B = ctx.saved_tensors
+        x2 = _kept_input(ctx, kept) if ctx.needs_input_grad[3] or ctx.weight_needs_grad else None
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
         g_low = g.to(B.dtype)
@@ -48,13 +51,24 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = (g @ weight).addmm_(g_xa.to(g.dtype), A.to(g.dtype)).reshape(ctx.shape)
         grad_w = g.t() @ x2 if ctx.weight_needs_grad else None
         grad_b = g.sum(0) if ctx.bias_needs_grad else None
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """x W^T + b + scaling * (x A^T) B^T for W (out, in), A (r, in), B (out, r)."""
+def _kept_input(ctx, kept: Tensor) -> Tensor:
+    """The (tokens, in) input: kept as is, or remade from what was kept instead (`remake(source)`:
+    a norm's output from its input, which the norm keeps for its own backward anyway)."""
+    x = kept if ctx.remake is None else ctx.remake(kept)
+    return x.reshape(-1, x.shape[-1])
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                remake=None, source: Tensor | None = None) -> Tensor:
+    """x W^T + b + scaling * (x A^T) B^T for W (out, in), A (r, in), B (out, r).
+
+    With `remake` and `source` (x == remake(source)), backward keeps `source` instead of x.
+    """
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-        return _LoraLinear.apply(x, weight, bias, A, B, scaling)
+        return _LoraLinear.apply(x, weight, bias, A, B, scaling, remake, source)
     # inference: as few kernel launches as possible (decoding is dominated by them)
     if x.dtype != A.dtype:
         out = F.linear(x, weight, bias)
@@ -69,7 +83,7 @@ class _LoraSwiGLU(torch.autograd.Function):
     # The base runs in x's dtype; the low-rank products in the adapters' (fp32 beside a bf16 base),
     # cast the way `_LoraLinear` casts them.
     @staticmethod
-    def forward(ctx, x, wg, ag, bg, sg, wu, au, bu, su, wd, ad, bd, sd) -> Tensor:  # noqa: PLR0913
+    def forward(ctx, x, wg, ag, bg, sg, wu, au, bu, su, wd, ad, bd, sd, remake=None, source=None) -> Tensor:  # noqa: PLR0913
         shape, dt, lo = x.shape, x.dtype, ag.dtype
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         a_gu = torch.cat([ag, au])  # (rg + ru, in): one A-matmul for both projections
@@ -80,14 +94,15 @@ class _LoraSwiGLU(torch.autograd.Function):
         h = F.silu(g).mul_(u)
         xa_d = h.to(lo) @ ad.t()  # (tokens, rd)
         out = (h @ wd.t()).addmm_(xa_d.to(dt), bd.t().to(dt), alpha=sd)
-        ctx.save_for_backward(x2, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd)
+        ctx.save_for_backward(x2 if remake is None else source, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd)
+        ctx.remake = remake
         ctx.scalings = (sg, su, sd)
         ctx.shape = shape
         return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x2, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd = ctx.saved_tensors
+        kept, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd = ctx.saved_tensors
         sg, su, sd = ctx.scalings
         dt, lo = g.dtype, a_gu.dtype
         go = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, hidden)
@@ -108,21 +123,25 @@ class _LoraSwiGLU(torch.autograd.Function):
         xa_g, xa_u = xa_gu.split([rg, bu.shape[1]], dim=1)
         g_g_lo, g_u_lo = g_g.to(lo), g_u.to(lo)
         g_xa_gu = torch.cat([(g_g_lo @ bg).mul_(sg), (g_u_lo @ bu).mul_(su)], dim=1)  # (tokens, rg + ru)
-        grad_a_gu = g_xa_gu.t() @ x2.to(lo)
+        grad_a_gu = g_xa_gu.t() @ _kept_input(ctx, kept).to(lo)
         grad_bg = (g_g_lo.t() @ xa_g).mul_(sg)
         grad_bu = (g_u_lo.t() @ xa_u).mul_(su)
         grad_x = (g_g @ wg).addmm_(g_u, wu).addmm_(g_xa_gu.to(dt), a_gu.to(dt)).reshape(ctx.shape)
         grad_ag, grad_au = grad_a_gu.split([rg, grad_a_gu.shape[0] - rg])
-        return grad_x, None, grad_ag, grad_bg, None, None, grad_au, grad_bu, None, None, grad_ad, grad_bd, None
+        return grad_x, None, grad_ag, grad_bg, None, None, grad_au, grad_bu, None, None, grad_ad, grad_bd, None, None, None
 
 
 LoraWeights = tuple[Tensor, Tensor, Tensor, float]  # (W (out, in), A (r, in), B (out, r), scaling)
 
 
-def lora_swiglu(x: Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights) -> Tensor:
-    """down(silu(gate(x)) * up(x)) where each projection is a LoRA linear without bias, base weights frozen."""
+def lora_swiglu(x: Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, remake=None,
+                source: Tensor | None = None) -> Tensor:
+    """down(silu(gate(x)) * up(x)) where each projection is a LoRA linear without bias, base weights frozen.
+
+    With `remake` and `source` (x == remake(source)), backward keeps `source` instead of x.
+    """
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for p in (gate, up, down) for t in p[1:3])):
-        return _LoraSwiGLU.apply(x, *gate, *up, *down)
+        return _LoraSwiGLU.apply(x, *gate, *up, *down, remake, source)
     # inference: `lora_linear`'s own few-kernel path, so the numbers equal the unfused layers'
     h = F.silu(lora_linear(x, gate[0], None, *gate[1:])).mul_(lora_linear(x, up[0], None, *up[1:]))
     return lora_linear(h, down[0], None, *down[1:])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
+from . import recompute
 from .kernels import lora_linear
 from .routing import BASE, Route, current_route
 
@@ -170,6 +171,7 @@ class Linear(LoraLayer):
         self._dora_norms: dict[str, Tensor] = {}
         self._mixed_cache: tuple | None = None  # see _stacked
         self._rows_cache: tuple | None = None  # see _row_plan
+        self.__dict__["input_norm"] = None  # the norm whose output this layer reads, if known (lorakit.recompute)
 
     def update_layer(
         self,
@@ -273,7 +275,9 @@ class Linear(LoraLayer):
         plan = None if args or kwargs else self._fast_plan(names)  # merged adapters returned or raised above
         if plan is not None:
             name, A, B = plan
-            return lora_linear(x, self._weight_out_in(), self.base_layer.bias, A.weight, B.weight, self.scaling[name])
+            remake, kept = recompute.source(self.input_norm, x) if torch.is_grad_enabled() else (None, None)
+            return lora_linear(x, self._weight_out_in(), self.base_layer.bias, A.weight, B.weight, self.scaling[name],
+                               remake, kept)
         result = self.base_layer(x, *args, **kwargs)
         for name in names:
             if name in self.r:

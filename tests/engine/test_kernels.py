@@ -221,3 +221,32 @@ def test_fast_path_choice_follows_mode_and_adapter_changes():
     model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     model.set_adapter("other")
     assert not torch.allclose(logits(model, ids), other_out)  # the new "other", not a cached old one
+
+
+def test_norm_outputs_are_remade_in_backward_with_identical_gradients(monkeypatch):
+    """q/k/v and the fused MLP keep the norm's input and remake its output: the same gradients, bit for bit."""
+    import lorakit.recompute as recompute
+
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    hits = []
+    real_source = recompute.source
+
+    def counting(norm, x):
+        remake, kept = real_source(norm, x)
+        hits.append(remake is not None)
+        return remake, kept
+
+    def grads():
+        torch.manual_seed(1)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+        logits(model, ids).pow(2).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    monkeypatch.setattr(recompute, "source", counting)
+    remade = grads()
+    assert sum(hits) >= 5  # 2 layers: the MLPs, and q/k/v after the first layer
+    monkeypatch.setattr(recompute, "source", lambda norm, x: (None, None))
+    kept = grads()
+    assert remade.keys() == kept.keys()
+    for name in remade:
+        assert torch.equal(remade[name], kept[name]), name

@@ -167,7 +167,7 @@ def test_fused_mlp_counts_for_lorakit_lora_only():
     shape = A.Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
     adapted = {n: 16 for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     fused = A.activation_bytes(shape, 1, 2048, 2, adapted, checkpointing=False)
-    plain = A.activation_bytes(shape, 1, 2048, 2, adapted, checkpointing=False, fused_mlp=False)
+    plain = A.activation_bytes(shape, 1, 2048, 2, adapted, checkpointing=False, fused_blocks=False)
     assert plain.kept - fused.kept == 32 * (2048 * 2 * 2 * shape.intermediate - 4 * 32 * shape.hidden)
     lora = estimate("llama-3.1-8b", "lora", targets="all-linear", batch_size=1, seq_len=2048)
     qlora = estimate("llama-3.1-8b", "qlora", targets="all-linear", batch_size=1, seq_len=2048)

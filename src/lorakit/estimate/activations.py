@@ -11,6 +11,9 @@ lorakit's LoRA layer, and checked against autograd's saved tensors in tests/esti
   reading the same tensor share (q/k/v; gate/up), and the fp32 (tokens, r) product x A^T.
 - With LoRA on gate, up and down, lorakit's fused SwiGLU keeps only
   gate and up (silu and the product are recomputed in backward), and the stacked [A_gate; A_up].
+- In fp32, lorakit's q/k/v and fused MLP keep the norm's input (which the norm keeps anyway)
+  instead of its output, and remake the output in backward (`lorakit.recompute`); not in the
+  first layer's attention, whose norm input needs no gradient and is not kept by the norm.
 - Gradient checkpointing (transformers' per-layer, non-reentrant) keeps each layer's input and
   recomputes one layer at a time in backward.
 """
@@ -85,17 +88,22 @@ def full_layer_bytes(shape: Shape, tokens: int, b: int) -> int:
 
 
 def lora_layer_bytes(shape: Shape, tokens: int, b: int, adapted: Mapping[str, int], first: bool = False,
-                     fused_mlp: bool = True) -> int:
+                     fused_blocks: bool = True) -> int:
     """One frozen decoder layer with LoRA on `adapted` (short name -> rank).
 
     A frozen layer still keeps what its input's gradient needs: the norms' fp32 inputs, SDPA's
     tensors, the MLP's gate, silu(gate) and up. Adapters add their inputs and x A^T. In the first
     layer nothing before the first adapter needs a gradient, so its input norm keeps nothing.
+    `fused_blocks`: lorakit's fast paths for Llama-style blocks apply (see the module docstring).
     """
     norms = (1 if first else 2) * (NORM_BYTES * shape.hidden + 4)
-    fused = fused_mlp and FUSED_MLP <= set(adapted)
+    fused = fused_blocks and FUSED_MLP <= set(adapted)
     mlp = (2 if fused else 3) * b * shape.intermediate
-    inputs = {n: r for n, r in adapted.items() if not (fused and n == "down_proj")}  # the product is recomputed
+    remade = set()  # norm outputs remade in backward instead of kept
+    if fused_blocks and b == NORM_BYTES:
+        remade = ({"mlp_in"} if fused else set()) | (set() if first else {"attn_in"})
+    inputs = {n: r for n, r in adapted.items()
+              if not (fused and n == "down_proj") and INPUT_OF.get(n) not in remade}  # the product is recomputed
     adapters = sum(ADAPTER_BYTES * r for r in adapted.values()) + _adapter_input_bytes(shape, b, inputs)
     stacked_a = ADAPTER_BYTES * (adapted["gate_proj"] + adapted["up_proj"]) * shape.hidden if fused else 0  # [A_gate; A_up]
     return tokens * (norms + _attention(shape, b) + mlp + adapters) + stacked_a
@@ -121,15 +129,15 @@ def outside_layers_bytes(shape: Shape, batch: int, seq: int, b: int, full: bool)
 
 def activation_bytes(
     shape: Shape, batch: int, seq: int, b: int, adapted: Mapping[str, int] | None, checkpointing: bool,
-    fused_mlp: bool = True,
+    fused_blocks: bool = True,
 ) -> Activations:
-    """Activations of one step (`adapted=None`: full fine-tuning). `fused_mlp=False` for bases whose
-    MLP lorakit cannot fuse (a quantized base)."""
+    """Activations of one step (`adapted=None`: full fine-tuning). `fused_blocks=False` where
+    lorakit's block fast paths do not apply (other model types, a quantized base)."""
     tokens = batch * seq
     full = adapted is None
-    layer = full_layer_bytes(shape, tokens, b) if full else lora_layer_bytes(shape, tokens, b, adapted, fused_mlp=fused_mlp)
+    layer = full_layer_bytes(shape, tokens, b) if full else lora_layer_bytes(shape, tokens, b, adapted, fused_blocks=fused_blocks)
     outside = outside_layers_bytes(shape, batch, seq, b, full)
     if checkpointing:
         return Activations(kept=shape.layers * tokens * b * shape.hidden + outside, recompute=layer)
-    first = layer if full else lora_layer_bytes(shape, tokens, b, adapted, first=True, fused_mlp=fused_mlp)
+    first = layer if full else lora_layer_bytes(shape, tokens, b, adapted, first=True, fused_blocks=fused_blocks)
     return Activations(kept=first + (shape.layers - 1) * layer + outside)

@@ -151,7 +151,7 @@ def _memory(
     gradients = M.gradient_bytes(trainable, param_bytes)
     optimizer_states = M.optimizer_bytes(trainable, optimizer, param_bytes, master)
     activations = activation_bytes(facts.shape, batch, seq, b, None if full else facts.adapted, checkpointing,
-                                   fused_mlp=method == "lora" and facts.model_type in SWIGLU_MLPS)  # not on bitsandbytes layers
+                                   fused_blocks=method == "lora" and facts.model_type in SWIGLU_MLPS)  # not on bitsandbytes layers
     if method == "qlora":  # one base weight at a time is dequantised to `dtype` for its matmul
         activations = Activations(activations.kept + facts.largest_linear * b, activations.recompute)
     if facts.fused_loss:
