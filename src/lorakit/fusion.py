@@ -1,11 +1,14 @@
-"""Block-level fast path: a LoRA-adapted SwiGLU MLP (Llama, Mistral, Qwen2, …) as one autograd node.
+"""Block-level fast paths for Llama-style decoders (Llama, Mistral, Qwen2, Qwen3).
 
-The MLP's own forward, down(act(gate(x)) * up(x)), keeps four (tokens, intermediate) tensors
-alive for backward; `kernels.lora_swiglu` keeps two. In inference it skips three module calls
-per layer, which decoding (one token at a time) feels. `attach` gives every such MLP in a model
-a forward that takes the fused kernel whenever its three projections are on the single-adapter
-fast path, and the module's own forward otherwise (mixed batches, merged or disabled adapters,
-dropout in training, DoRA, biases). `detach` undoes it.
+- The MLP as one autograd node: its own forward, down(act(gate(x)) * up(x)), keeps four
+  (tokens, intermediate) tensors alive for backward; `kernels.lora_swiglu` keeps two. In
+  inference it skips three module calls per layer, which decoding feels. Every such MLP gets a
+  forward that takes the fused kernel whenever its three projections are on the single-adapter
+  fast path, and the module's own forward otherwise (mixed batches, merged or disabled
+  adapters, dropout in training, DoRA, biases).
+- Norm outputs remade in backward (`lorakit.recompute`): q/k/v learn which norm they read, and
+  the fused MLP too.
+`attach` sets both up when adapters are added; `detach` undoes them.
 """
 
 from __future__ import annotations
