@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from . import recompute
@@ -43,8 +42,7 @@ class FusedSwiGLU:
         parts = self._fast_parts(x) if not args and not kwargs else None
         if parts is None:
             return type(self.mlp).forward(self.mlp, x, *args, **kwargs)
-        remake, kept = recompute.source(self.norm, x) if torch.is_grad_enabled() else (None, None)
-        return lora_swiglu(x, *parts, remake, kept)
+        return lora_swiglu(x, *parts, *recompute.source(self.norm, x))
 
     def _fast_parts(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, float]] | None:
         parts = []

@@ -92,11 +92,12 @@ class LoraLayer(nn.Module):
         return weight.device, dtype
 
     # -- routing ------------------------------------------------------------------------------
-    def _requested(self) -> Route:
+    def _wanted(self) -> tuple[tuple[str, ...] | None, Sequence[str]]:
+        """(one adapter per batch row, or None; the adapters every row uses) for this call."""
         route = current_route()
         if route is None:
-            return Route(names=tuple(self.active_adapters))
-        return route
+            return None, self.active_adapters
+        return route.rows, route.names
 
     def _check_merge_state(self, names: tuple[str, ...]) -> bool:
         """True when the merged weights already are what this call asks for."""
@@ -266,16 +267,15 @@ class Linear(LoraLayer):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         # decoding calls this ~200 times a token: the common case takes few Python steps
-        route = current_route()
-        if route is not None and route.rows is not None:
-            return self._forward_mixed(x, route.rows, *args, **kwargs)
-        names = self.active_adapters if route is None else route.names
+        rows, names = self._wanted()
+        if rows is not None:
+            return self._forward_mixed(x, rows, *args, **kwargs)
         if self.merged_adapters and self._check_merge_state(tuple(names)):
             return self.base_layer(x, *args, **kwargs)
         plan = None if args or kwargs else self._fast_plan(names)  # merged adapters returned or raised above
         if plan is not None:
             name, A, B = plan
-            remake, kept = recompute.source(self.input_norm, x) if torch.is_grad_enabled() else (None, None)
+            remake, kept = recompute.source(self.input_norm, x)
             return lora_linear(x, self._weight_out_in(), self.base_layer.bias, A.weight, B.weight, self.scaling[name],
                                remake, kept)
         result = self.base_layer(x, *args, **kwargs)
@@ -286,12 +286,8 @@ class Linear(LoraLayer):
 
     def fast_adapter(self) -> str | None:
         """The one adapter this call would run on the fused fast path, or None if it needs the general one."""
-        if self.merged_adapters:
-            return None
-        route = current_route()
-        if route is not None and route.rows is not None:
-            return None
-        plan = self._fast_plan(self.active_adapters if route is None else route.names)
+        rows, names = self._wanted()
+        plan = None if self.merged_adapters or rows is not None else self._fast_plan(names)
         return None if plan is None else plan[0]
 
     def _fast_plan(self, names: Sequence[str]) -> tuple[str, nn.Module, nn.Module] | None:
@@ -493,21 +489,21 @@ class Embedding(LoraLayer):
         return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        request = self._requested()
+        rows, names = self._wanted()
         result = self.base_layer(x, *args, **kwargs)
-        if request.rows is not None:
+        if rows is not None:
             if self.merged_adapters:
                 raise ValueError("mixed-adapter batches cannot run while adapters are merged; unmerge first")
-            for name in dict.fromkeys(request.rows):  # embeddings are cheap: group rows by adapter
+            for name in dict.fromkeys(rows):  # embeddings are cheap: group rows by adapter
                 if name == BASE or name not in self.r:
                     continue
-                mask = torch.tensor([n == name for n in request.rows], device=x.device)
+                mask = torch.tensor([n == name for n in rows], device=x.device)
                 delta = self._delta(name, x[mask]).to(result.dtype)
                 result = result.index_put((mask.nonzero().squeeze(1),), result[mask] + delta)
             return result
-        if self._check_merge_state(request.names):
+        if self._check_merge_state(tuple(names)):
             return result
-        for name in request.names:
+        for name in names:
             if name in self.r:
                 result = result + self._delta(name, x).to(result.dtype)
         return result

@@ -59,8 +59,9 @@ def untap(norm: nn.Module) -> None:
 
 
 def source(norm: nn.Module | None, x: Tensor) -> tuple[Callable[[Tensor], Tensor] | None, Tensor | None]:
-    """(remake, input) such that remake(input) is x, when x is `norm`'s last output; else (None, None)."""
-    io = norm.__dict__.get(_IO) if norm is not None else None
+    """(remake, input) such that remake(input) is x, when x is `norm`'s last output and gradients
+    are on; else (None, None)."""
+    io = norm.__dict__.get(_IO) if norm is not None and torch.is_grad_enabled() else None
     if io is None:
         return None, None
     out_ref, version, in_ref, remake_ref = io
