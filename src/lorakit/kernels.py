@@ -154,26 +154,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        # One logits buffer for every chunk, worked on in place: a (chunk, vocab) tensor is above
+        # malloc's mmap threshold, so each fresh one would be mapped and page-faulted in anew.
+        buffer = hidden.new_empty((min(chunk, hidden.shape[0]), weight.shape[0]))
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             y = labels[start : start + chunk]
             keep = y != -100
-            logits = (h @ weight.t()).float()  # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
+            rows, cols = torch.arange(len(y), device=y.device), y.clamp_min(0)
+            logits = torch.mm(h, weight.t(), out=buffer[: len(h)]).float()  # (chunk, vocab)
+            target = logits[rows, cols]
+            # log-sum-exp by hand, so that exp(logits - max) is computed once, in place, and is
+            # also the softmax the gradient needs
+            peak = logits.amax(dim=1, keepdim=True)
+            exps = logits.sub_(peak).exp_()
+            sums = exps.sum(dim=1, keepdim=True)
+            lse = (peak + sums.log()).squeeze(1)
             total += ((lse - target) * keep).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d loss / d logits = softmax - onehot, only on kept rows; reuse the logits buffer
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()
-            probs[torch.arange(len(y), device=y.device), y.clamp_min(0)] -= 1
-            probs.mul_(keep.unsqueeze(1))
+            # d loss / d logits = softmax - onehot, zero on ignored rows
+            kept = keep.to(exps.dtype)
+            probs = exps.mul_((kept / sums.squeeze(1)).unsqueeze(1))
+            probs[rows, cols] -= kept
             probs = probs.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = probs @ weight
             if grad_weight is not None:
                 grad_weight += (probs.t() @ h).float()
-            del logits, probs  # let this chunk's buffer go before the next one is made
+            del logits, exps, probs
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
