@@ -6,20 +6,28 @@
   forward that takes the fused kernel whenever its three projections are on the single-adapter
   fast path, and the module's own forward otherwise (mixed batches, merged or disabled
   adapters, dropout in training, DoRA, biases).
+- q, k and v as one autograd node in training (`kernels.lora_shared_input`): they read the same
+  input, so one A-matmul serves all three and their input gradients add up in place. The
+  attention calls q_proj, k_proj, v_proj in that order on one tensor; the first call computes
+  all three and the next two take their outputs.
 - Norm outputs remade in backward (`lorakit.recompute`): q/k/v learn which norm they read, and
   the fused MLP too.
-`attach` sets both up when adapters are added; `detach` undoes them.
+`attach` sets these up when adapters are added; `detach` undoes them.
 """
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 from torch import Tensor, nn
 
 from . import recompute
-from .kernels import lora_swiglu
+from .kernels import lora_shared_input, lora_swiglu
 from .layers import Linear
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
+QKV = ("q_proj", "k_proj", "v_proj")
 # model type -> its transformers MLP class, whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 SWIGLU_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
 # ... and their decoder blocks: input_layernorm -> self_attn (q/k/v), post_attention_layernorm -> mlp
@@ -58,12 +66,73 @@ class FusedSwiGLU:
         return parts
 
 
+class SharedInput:
+    """q, k and v of one attention block (see the module docstring); each projection's `forward`
+    is a `SharedInput.Member`."""
+
+    class Member:
+        def __init__(self, group: SharedInput, index: int) -> None:
+            self.group, self.index = group, index
+
+        def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+            return self.group.call(self.index, x, *args, **kwargs)
+
+    def __init__(self, layers: tuple[Linear, ...], norm: nn.Module | None) -> None:
+        self.layers = layers
+        self.norm = norm
+        self._waiting: tuple | None = None  # (weakref to the input, its version, outputs not yet taken)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_waiting": None}
+
+    def call(self, index: int, x: Tensor, *args, **kwargs) -> Tensor:
+        layer = self.layers[index]
+        if args or kwargs:
+            self._waiting = None
+        elif index == 0:
+            self._waiting = None
+            parts = self._fast_parts(x)
+            if parts is not None:
+                outs = list(lora_shared_input(x, parts, *recompute.source(self.norm, x)))
+                first, outs[0] = outs[0], None
+                self._waiting = (weakref.ref(x), x._version, outs)
+                return first
+        elif self._waiting is not None:
+            ref, version, outs = self._waiting
+            out, outs[index] = outs[index], None
+            if all(o is None for o in outs):
+                self._waiting = None
+            if out is not None and ref() is x and x._version == version:
+                return out
+            self._waiting = None
+        return type(layer).forward(layer, x, *args, **kwargs)
+
+    def _fast_parts(self, x: Tensor) -> list[tuple] | None:
+        if not torch.is_grad_enabled():
+            return None
+        parts, trains = [], x.requires_grad
+        for layer in self.layers:
+            name = layer.fast_adapter()
+            if name is None or layer.fan_in_fan_out:
+                return None
+            W, bias = layer.base_layer.weight, layer.base_layer.bias
+            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+            if W.requires_grad or W.dtype != x.dtype or A.dtype != B.dtype:
+                return None
+            if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
+                return None
+            trains = trains or A.requires_grad or B.requires_grad
+            parts.append((W, bias, A, B, layer.scaling[name]))
+        return parts if trains else None
+
+
 def attach(model: nn.Module) -> None:
     """Fuse every SwiGLU MLP whose projections all carry adapters; in each decoder block, let the
     adapted projections that read a norm's output remake it in backward (lorakit.recompute)."""
     for module in model.modules():
         if type(module).__name__ in DECODER_LAYERS:
             _link_norms(module)
+            _share_attention_input(module)
     for module in model.modules():
         if type(module).__name__ not in SWIGLU_MLPS.values() or isinstance(module.__dict__.get("forward"), FusedSwiGLU):
             continue
@@ -84,9 +153,20 @@ def _link_norms(block: nn.Module) -> None:
         mlp.__dict__[_MLP_NORM] = block.post_attention_layernorm
 
 
+def _share_attention_input(block: nn.Module) -> None:
+    layers = tuple(getattr(block.self_attn, attr, None) for attr in QKV)
+    if not all(isinstance(layer, Linear) for layer in layers):
+        return
+    if any(isinstance(layer.__dict__.get("forward"), SharedInput.Member) for layer in layers):
+        return
+    group = SharedInput(layers, block.input_layernorm)
+    for index, layer in enumerate(layers):
+        layer.forward = SharedInput.Member(group, index)
+
+
 def detach(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), FusedSwiGLU):
+        if isinstance(module.__dict__.get("forward"), (FusedSwiGLU, SharedInput.Member)):
             del module.forward
         module.__dict__.pop(_MLP_NORM, None)
         if isinstance(module, Linear):

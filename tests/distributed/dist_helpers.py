@@ -83,11 +83,16 @@ def max_difference(a: Path, b: Path) -> float:
     return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
 
 
-def assert_same_run(run_dir: Path, reference: Path, steps: range, tol: float = 1e-5,
+def assert_same_run(run_dir: Path, reference: Path, steps: range, tol: float = 5e-5,
                     weights: str = "adapter/adapter_model.safetensors") -> None:
-    """Per-step losses and the final adapter (or `weights`) of `run_dir` equal the reference's within `tol`."""
+    """Per-step losses and the final adapter (or `weights`) of `run_dir` equal the reference's within `tol`.
+
+    Gradients of a batch split over processes differ from the whole batch's by rounding (~1e-9);
+    Adam's first steps (g / sqrt(g^2), lr 1e-2 here) magnify that to ~2e-5 in the weights.
+    """
     got, expected = losses(run_dir), losses(reference)
     assert sorted(got) == list(steps), f"{run_dir}: logged steps {sorted(got)}"
     for step in steps:
         assert abs(got[step] - expected[step]) < tol, f"step {step}: {got[step]} vs {expected[step]}"
-    assert max_difference(run_dir / weights, reference / weights) < tol
+    difference = max_difference(run_dir / weights, reference / weights)
+    assert difference < tol, f"{run_dir}: final weights differ by {difference:.2e} (tolerance {tol:.0e})"

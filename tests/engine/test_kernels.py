@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.kernels import linear_cross_entropy, lora_linear, lora_swiglu
+from lorakit.kernels import linear_cross_entropy, lora_linear, lora_shared_input, lora_swiglu
 from lorakit.layers import Linear
 from tinymodels import logits, tiny_gpt2, tiny_llama
 
@@ -190,6 +190,85 @@ def test_lora_swiglu_gradcheck():
                                     (x, *gate[1:3], *up[1:3], *down[1:3]))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_shared_input_matches_separate_layers(bias):
+    """q, k, v of different widths, ranks and scalings as one node: the values and gradients of the plain expressions."""
+    torch.manual_seed(0)
+    d = 8
+    x = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+
+    def layer(out, r, s):
+        return (torch.randn(out, d, dtype=torch.float64), torch.randn(out, dtype=torch.float64) if bias else None,
+                torch.randn(r, d, dtype=torch.float64, requires_grad=True),
+                torch.randn(out, r, dtype=torch.float64, requires_grad=True), s)
+
+    layers = [layer(8, 3, 0.5), layer(4, 2, 2.0), layer(4, 5, 1.5)]
+    fast = lora_shared_input(x, layers)
+    plain = [F.linear(x, W, b) + s * (x @ A.T) @ B.T for W, b, A, B, s in layers]
+    assert len(fast) == 3
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b)
+    gs = [torch.randn_like(p) for p in plain]
+    inputs = [x] + [t for _, _, A, B, _ in layers for t in (A, B)]
+    torch.testing.assert_close(torch.autograd.grad(fast, inputs, gs), torch.autograd.grad(plain, inputs, gs))
+    # one output unused (autograd hands backward zeros for it), adapters of one layer frozen
+    layers[1][2].requires_grad_(False)
+    fast_k = lora_shared_input(x, layers)[0].sum()
+    W, b, A, B, s = layers[0]
+    plain_k = (F.linear(x, W, b) + s * (x @ A.T) @ B.T).sum()
+    inputs = [x, layers[0][2], layers[0][3]]
+    fast_grads = torch.autograd.grad(fast_k, inputs + [layers[2][3]])
+    torch.testing.assert_close(fast_grads[:3], torch.autograd.grad(plain_k, inputs))
+    assert not fast_grads[3].any()
+
+
+def test_lora_shared_input_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    Ws = [torch.randn(out, 4, dtype=torch.float64) for out in (5, 2)]
+    params = [torch.randn(2, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, 2, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(
+        lambda x, a1, b1, a2, b2: lora_shared_input(x, [(Ws[0], None, a1, b1, 0.7), (Ws[1], None, a2, b2, 1.3)]),
+        (x, *params))
+
+
+def test_qkv_share_one_node_in_training_only(monkeypatch):
+    import lorakit.fusion as fusion
+
+    calls = []
+    monkeypatch.setattr(fusion, "lora_shared_input", lambda *a: calls.append(1) or lora_shared_input(*a))
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    ids = torch.randint(0, 100, (1, 4))
+    logits(model, ids).sum().backward()
+    assert len(calls) == 2  # one per layer
+    with torch.no_grad():
+        logits(model, ids)
+    assert len(calls) == 2
+    # k_proj called on another tensor than q_proj was: computed on its own, not q's leftovers
+    attn = model.base_model.model.model.layers[0].self_attn
+    x, y = torch.randn(1, 3, 32, requires_grad=True), torch.randn(1, 3, 32)
+    attn.q_proj(x)
+    assert len(calls) == 3
+    with torch.no_grad():
+        fusion.detach(model.base_model.model)
+        expected = attn.k_proj(y)
+        fusion.attach(model.base_model.model)
+    torch.testing.assert_close(attn.k_proj(y), expected)
+    # in-place change of the input between q and k: k computed anew
+    x2 = x.detach().clone().requires_grad_(True)
+    h = x2 * 1
+    attn.q_proj(h)
+    with torch.no_grad():
+        h.add_(1.0)
+    with torch.no_grad():
+        fusion.detach(model.base_model.model)
+        expected = attn.v_proj(h)
+        fusion.attach(model.base_model.model)
+    torch.testing.assert_close(attn.v_proj(h), expected)
+
+
 def test_fused_mlp_is_used_in_training_and_inference_but_not_without_adapters(monkeypatch):
     import lorakit.fusion as fusion
 
@@ -261,7 +340,7 @@ def test_norm_outputs_are_remade_in_backward_with_identical_gradients(monkeypatc
 
     monkeypatch.setattr(recompute, "source", counting)
     remade = grads()
-    assert sum(hits) >= 5  # 2 layers: the MLPs, and q/k/v after the first layer
+    assert sum(hits) >= 3  # 2 layers: the MLPs, and q/k/v (one call for the three) after the first layer
     monkeypatch.setattr(recompute, "source", lambda norm, x: (None, None))
     kept = grads()
     assert remade.keys() == kept.keys()

@@ -97,8 +97,8 @@ def test_grad_accum_does_not_change_the_steps(base_config, tmp_path):
     for step in la:
         assert la[step] == pytest.approx(lb[step], abs=1e-5)
     wa, wb = load_file(a.adapter_dir / "adapter_model.safetensors"), load_file(b.adapter_dir / "adapter_model.safetensors")
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-5)
+    for key in wa:  # Adam turns rounding in near-zero gradients (summed in another order) into ~lr-sized steps
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4)
 
 
 def test_non_empty_output_dir_is_refused_unless_overwrite(base_config):
