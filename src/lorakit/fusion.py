@@ -53,17 +53,25 @@ class FusedSwiGLU:
         return lora_swiglu(x, *parts, *recompute.source(self.norm, x))
 
     def _fast_parts(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, float]] | None:
-        parts = []
-        for attr in PARTS:
-            layer = getattr(self.mlp, attr)
-            name = layer.fast_adapter() if isinstance(layer, Linear) else None
-            if name is None or layer.fan_in_fan_out or layer.base_layer.bias is not None:
-                return None
-            W, A, B = layer.base_layer.weight, layer.lora_A[name].weight, layer.lora_B[name].weight
-            if W.requires_grad or W.dtype != x.dtype or A.dtype != B.dtype:
-                return None
-            parts.append((W, A, B, layer.scaling[name]))
-        return parts
+        parts = [_fast_weights(getattr(self.mlp, attr), x) for attr in PARTS]
+        if any(p is None or p[1] is not None for p in parts):  # no biases in the fused kernel
+            return None
+        return [(W, A, B, s) for W, _, A, B, s in parts]
+
+
+def _fast_weights(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float] | None:
+    """(W, bias, A, B, scaling) of the one adapter `layer` runs for input x on the fast path, with
+    frozen base weights in x's dtype; None when the layer needs its general path."""
+    name = layer.fast_adapter() if isinstance(layer, Linear) else None
+    if name is None or layer.fan_in_fan_out:
+        return None
+    W, bias = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if W.requires_grad or W.dtype != x.dtype or A.dtype != B.dtype:
+        return None
+    if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
+        return None
+    return W, bias, A, B, layer.scaling[name]
 
 
 class SharedInput:
@@ -110,19 +118,10 @@ class SharedInput:
     def _fast_parts(self, x: Tensor) -> list[tuple] | None:
         if not torch.is_grad_enabled():
             return None
-        parts, trains = [], x.requires_grad
-        for layer in self.layers:
-            name = layer.fast_adapter()
-            if name is None or layer.fan_in_fan_out:
-                return None
-            W, bias = layer.base_layer.weight, layer.base_layer.bias
-            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-            if W.requires_grad or W.dtype != x.dtype or A.dtype != B.dtype:
-                return None
-            if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
-                return None
-            trains = trains or A.requires_grad or B.requires_grad
-            parts.append((W, bias, A, B, layer.scaling[name]))
+        parts = [_fast_weights(layer, x) for layer in self.layers]
+        if any(p is None for p in parts):
+            return None
+        trains = x.requires_grad or any(t.requires_grad for p in parts for t in p[2:4])
         return parts if trains else None
 
 
