@@ -83,7 +83,11 @@ class SharedInput:
             self.group, self.index = group, index
 
         def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
-            return self.group.call(self.index, x, *args, **kwargs)
+            group = self.group
+            if group._waiting is None and (self.index or not torch.is_grad_enabled()):  # inference: no detour
+                layer = group.layers[self.index]
+                return type(layer).forward(layer, x, *args, **kwargs)
+            return group.call(self.index, x, *args, **kwargs)
 
     def __init__(self, layers: tuple[Linear, ...], norm: nn.Module | None) -> None:
         self.layers = layers
