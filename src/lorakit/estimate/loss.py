@@ -25,11 +25,11 @@ def fused_loss_bytes(shape: Shape, batch: int, seq: int, b: int, head_trains: bo
     """Peak of lorakit's chunked linear cross-entropy over the activations (b: dtype bytes).
 
     Forward holds the final hidden states (and, for batch > 1, the flattened copy of the scored
-    positions) and the hidden-state gradient it fills. Each loop turn makes a chunk's fp32
-    logits while the previous chunk's probabilities are still referenced, and logsumexp adds one
-    more chunk-sized temporary: 12 bytes per (token, vocab) entry in fp32 and in 16-bit alike
-    (8 when one chunk covers all tokens). When the head trains: an fp32 gradient accumulator and
-    each chunk's (vocab x hidden) product. Backward scales both gradients into new tensors.
+    positions) and the hidden-state gradient it fills. The logits of every chunk go into one
+    b-byte buffer and are worked on in place: 4 bytes per (token, vocab) entry in fp32; in 16-bit
+    the buffer, its fp32 copy and the probabilities cast back, 4 + 2b. When the head trains: an
+    fp32 gradient accumulator and each chunk's (vocab x hidden) product. Backward scales both
+    gradients into new tensors.
     """
     scored = batch * (seq - 1)
     rows = min(chunk or engine_chunk(), scored)
@@ -37,7 +37,7 @@ def fused_loss_bytes(shape: Shape, batch: int, seq: int, b: int, head_trains: bo
     upcast = b if b != 4 else 0  # extra b-byte copies when the dtype is not fp32 already
     hidden = b * batch * seq * h + (b * scored * h if batch > 1 else 0)
     grad_hidden = b * scored * h
-    chunks = rows * v * (12 if scored > rows else 8)
+    chunks = rows * v * (b + (4 + b if upcast else 0))
     if not head_trains:
         return max(hidden + grad_hidden + chunks, 2 * grad_hidden)
     accumulator = 4 * v * h
