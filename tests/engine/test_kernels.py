@@ -346,3 +346,35 @@ def test_norm_outputs_are_remade_in_backward_with_identical_gradients(monkeypatc
     assert remade.keys() == kept.keys()
     for name in remade:
         assert torch.equal(remade[name], kept[name]), name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fast_paths_under_gradient_checkpointing_give_the_same_gradients(reentrant, monkeypatch):
+    """Checkpointed layers run the fused q/k/v, the fused MLP and the norm remake twice (forward,
+    then again in backward): the gradients equal those of the uncheckpointed model."""
+    import lorakit.fusion as fusion
+
+    calls = []
+    monkeypatch.setattr(fusion, "lora_shared_input", lambda *a: calls.append("qkv") or lora_shared_input(*a))
+    monkeypatch.setattr(fusion, "lora_swiglu", lambda *a: calls.append("mlp") or lora_swiglu(*a))
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def grads(checkpointing):
+        torch.manual_seed(1)
+        base = tiny_llama().train()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            base.enable_input_require_grads()
+        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+        logits(model, ids).pow(2).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads(False)
+    assert sorted(calls) == ["mlp"] * 2 + ["qkv"] * 2  # two layers
+    checkpointed = grads(True)
+    # each layer twice more; reentrant checkpointing runs the first forward without gradients,
+    # where q/k/v take their plain inference path
+    assert sorted(calls) == ["mlp"] * 6 + ["qkv"] * (4 if reentrant else 6)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 28
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
