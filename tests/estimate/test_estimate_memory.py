@@ -150,6 +150,9 @@ def test_peak_is_the_larger_end_of_backward():
     acts = A.Activations(kept=3, recompute=1)
     # start of backward: kept + max(loss, head gradient + recomputed layer) = 3 + 4
     assert M.peak_bytes(10, 5, 20, acts, loss=4, head_gradient=2) == 10 + 20 + 7
+    # ... + the last layer's backward under way, where it outgrows the loss: 3 + (2 + 1 + 2)
+    working = A.Activations(kept=3, recompute=1, working=2)
+    assert M.peak_bytes(10, 5, 20, working, loss=4, head_gradient=2) == 10 + 20 + 8
     # end of backward: gradients + a tied embedding's second gradient = 5 + 3
     assert M.peak_bytes(10, 5, 20, acts, loss=4, head_gradient=2, late_gradient=3) == 10 + 20 + 8
 

@@ -60,10 +60,12 @@ class Shape:
 @dataclass(frozen=True)
 class Activations:
     """`kept` lives from forward to backward; `recompute` (checkpointing) only while its layer's
-    backward runs, after the loss's tensors are gone."""
+    backward runs, after the loss's tensors are gone; `working`, the gradients one layer's backward
+    makes on the way (transients, not reported as activations)."""
 
     kept: int
     recompute: int = 0
+    working: int = 0
 
     @property
     def most(self) -> int:
@@ -141,7 +143,8 @@ def activation_bytes(
     full = adapted is None
     layer = full_layer_bytes(shape, tokens, b) if full else lora_layer_bytes(shape, tokens, b, adapted, fused_blocks=fused_blocks)
     outside = outside_layers_bytes(shape, batch, seq, b, full)
+    working = 3 * tokens * shape.intermediate * b  # the MLP's backward: gradients of its product, up and gate
     if checkpointing:
-        return Activations(kept=shape.layers * tokens * b * shape.hidden + outside, recompute=layer)
+        return Activations(kept=shape.layers * tokens * b * shape.hidden + outside, recompute=layer, working=working)
     first = layer if full else lora_layer_bytes(shape, tokens, b, adapted, first=True, fused_blocks=fused_blocks)
-    return Activations(kept=first + (shape.layers - 1) * layer + outside)
+    return Activations(kept=first + (shape.layers - 1) * layer + outside, working=working)

@@ -153,7 +153,7 @@ def _memory(
     activations = activation_bytes(facts.shape, batch, seq, b, None if full else facts.adapted, checkpointing,
                                    fused_blocks=method == "lora" and facts.model_type in SWIGLU_MLPS)  # not on bitsandbytes layers
     if method == "qlora":  # one base weight at a time is dequantised to `dtype` for its matmul
-        activations = Activations(activations.kept + facts.largest_linear * b, activations.recompute)
+        activations = Activations(activations.kept + facts.largest_linear * b, activations.recompute, activations.working)
     if facts.fused_loss:
         loss = fused_loss_bytes(facts.shape, batch, seq, b, head_trains=full)
     else:

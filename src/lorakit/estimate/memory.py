@@ -51,11 +51,12 @@ def peak_bytes(
     """Peak of one step: weights and optimizer states always, plus the larger of two moments.
 
     End of forward / start of backward: the kept activations with the loss at its peak, or with
-    the output layer's gradient (made first in backward) and, with checkpointing, the last layer
-    recomputed. End of backward / optimizer step: all gradients, plus `late_gradient`, a
+    the output layer's gradient (made first in backward), with checkpointing the last layer
+    recomputed, and that layer's backward under way. End of backward / optimizer step: all
+    gradients, plus `late_gradient`, a
     gradient made last that is added into one already there (tied embeddings: the input
     embedding's into the head's). In between, each layer's backward frees its activations while
     adding its gradients, so the peak is at one end.
     """
-    backward = activations.kept + max(loss, head_gradient + activations.recompute)
+    backward = activations.kept + max(loss, head_gradient + activations.recompute + activations.working)
     return weights + optimizer + max(backward, gradients + late_gradient)
