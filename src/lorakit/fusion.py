@@ -6,10 +6,11 @@
   forward that takes the fused kernel whenever its three projections are on the single-adapter
   fast path, and the module's own forward otherwise (mixed batches, merged or disabled
   adapters, dropout in training, DoRA, biases).
-- q, k and v as one autograd node in training (`kernels.lora_shared_input`): they read the same
-  input, so one A-matmul serves all three and their input gradients add up in place. The
-  attention calls q_proj, k_proj, v_proj in that order on one tensor; the first call computes
-  all three and the next two take their outputs.
+- q, k and v (those of them with adapters, two or three) as one autograd node in training
+  (`kernels.lora_shared_input`): they read the same input, so backward makes one A-gradient
+  matmul for all and adds their input gradients up in place. The attention calls q_proj,
+  k_proj, v_proj in that order on one tensor; the first call computes the group's outputs and
+  the next ones take theirs.
 - Norm outputs remade in backward (`lorakit.recompute`): q/k/v learn which norm they read, and
   the fused MLP too.
 `attach` sets these up when adapters are added; `detach` undoes them.
@@ -75,8 +76,8 @@ def _fast_weights(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None, T
 
 
 class SharedInput:
-    """q, k and v of one attention block (see the module docstring); each projection's `forward`
-    is a `SharedInput.Member`."""
+    """The adapted ones among q, k and v of one attention block (see the module docstring), in
+    the order the attention calls them; each one's `forward` is a `SharedInput.Member`."""
 
     class Member:
         def __init__(self, group: SharedInput, index: int) -> None:
@@ -157,8 +158,9 @@ def _link_norms(block: nn.Module) -> None:
 
 
 def _share_attention_input(block: nn.Module) -> None:
-    layers = tuple(getattr(block.self_attn, attr, None) for attr in QKV)
-    if not all(isinstance(layer, Linear) for layer in layers):
+    """Group the adapted ones among q/k/v (two or three: PEFT's default for Llama is q and v)."""
+    layers = tuple(layer for attr in QKV if isinstance(layer := getattr(block.self_attn, attr, None), Linear))
+    if len(layers) < 2:
         return
     if any(isinstance(layer.__dict__.get("forward"), SharedInput.Member) for layer in layers):
         return

@@ -5,7 +5,7 @@ saves less for backward and skips the full-size temporaries the plain expression
 - `lora_linear`: y = x W^T + b + s (x A^T) B^T with the scaling folded into `addmm`, saving only
   x and the small (tokens, r) product; the frozen W gets no gradient work.
 - `lora_shared_input`: several LoRA linears reading one input (q, k, v) as one node: one
-  A-matmul for all, one input gradient accumulated in place.
+  A-gradient matmul for all, one input gradient accumulated in place.
 - `lora_swiglu`: down(silu(gate(x)) * up(x)) with LoRA on all three projections, saving only the
   gate and up outputs (silu and the product are recomputed in backward, elementwise and cheap)
   and sharing one A-matmul between gate and up, which read the same input.
@@ -88,35 +88,39 @@ LoraWeightsBias = tuple[Tensor, Tensor | None, Tensor, Tensor, float]  # (W, bia
 
 
 class _LoraShared(torch.autograd.Function):
-    # Several LoRA linears reading one input (q, k and v): one A-matmul for all of them in
-    # forward, one for all their A-gradients and one input gradient accumulated in place in backward.
+    # Several LoRA linears reading one input (q, k and v) as one node. Forward computes each
+    # exactly as `_LoraLinear` does (the same numbers as the layers apart, in training and in
+    # inference); backward does one A-gradient matmul for all and accumulates the input
+    # gradient in place.
     @staticmethod
     def forward(ctx, x: Tensor, remake, source: Tensor | None, *params) -> tuple[Tensor, ...]:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         layers = [params[i : i + 5] for i in range(0, len(params), 5)]  # (W, bias, A, B, scaling) each
-        ranks = [A.shape[0] for _, _, A, _, _ in layers]
-        a_all = torch.cat([A for _, _, A, _, _ in layers])  # (sum of ranks, in)
-        xa_all = x2.to(a_all.dtype) @ a_all.t()  # (tokens, sum of ranks)
-        outs = []
-        for (W, bias, _, B, s), xa in zip(layers, xa_all.split(ranks, dim=1)):
+        outs, xas = [], []
+        for W, bias, A, B, s in layers:
+            xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
             out = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
             outs.append(out.addmm_(xa.to(out.dtype), B.t().to(out.dtype), alpha=s).reshape(*shape[:-1], -1))
-        weights = [t for W, _, _, B, _ in layers for t in (W, B)]
-        ctx.save_for_backward(x2 if remake is None else source, xa_all, a_all, *weights)
-        ctx.remake, ctx.ranks, ctx.shape = remake, ranks, shape
+            xas.append(xa)
+        weights = [t for W, _, A, B, _ in layers for t in (W, A, B)]
+        ctx.save_for_backward(x2 if remake is None else source, *xas, *weights)
+        ctx.remake, ctx.shape, ctx.n = remake, shape, len(layers)
         ctx.scalings = [layer[4] for layer in layers]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        kept, xa_all, a_all, *weights = ctx.saved_tensors
-        Ws, Bs, lo, ranks = weights[0::2], weights[1::2], a_all.dtype, ctx.ranks
-        wants = [ctx.needs_input_grad[3 + 5 * i : 3 + 5 * i + 5] for i in range(len(Ws))]  # per layer
+        kept, *rest = ctx.saved_tensors
+        n = ctx.n
+        xas, Ws, As, Bs = rest[:n], rest[n::3], rest[n + 1 :: 3], rest[n + 2 :: 3]
+        lo = As[0].dtype
+        wants = [ctx.needs_input_grad[3 + 5 * i : 3 + 5 * i + 5] for i in range(n)]  # per layer
         gs = [g.reshape(-1, g.shape[-1]) for g in grads]  # (tokens, out) each
         g_los = [g.to(lo) for g in gs]
-        g_xa_all = torch.cat([(g @ B).mul_(s) for g, B, s in zip(g_los, Bs, ctx.scalings)], dim=1)
-        grad_As: list[Tensor | None] = [None] * len(Ws)
+        g_xa_all = torch.cat([(g @ B).mul_(s) for g, B, s in zip(g_los, Bs, ctx.scalings)], dim=1)  # (tokens, sum r)
+        ranks = [A.shape[0] for A in As]
+        grad_As: list[Tensor | None] = [None] * n
         if any(want[2] for want in wants):
             grad_As = list((g_xa_all.t() @ _kept_input(ctx, kept).to(lo)).split(ranks))
         grad_x = None
@@ -124,9 +128,10 @@ class _LoraShared(torch.autograd.Function):
             grad_x = gs[0] @ Ws[0]
             for g, W in zip(gs[1:], Ws[1:]):
                 grad_x.addmm_(g, W)
-            grad_x = grad_x.addmm_(g_xa_all.to(grad_x.dtype), a_all.to(grad_x.dtype)).reshape(ctx.shape)
+            a_all = torch.cat(As).to(grad_x.dtype)  # (sum r, in)
+            grad_x = grad_x.addmm_(g_xa_all.to(grad_x.dtype), a_all).reshape(ctx.shape)
         out: list[Tensor | None] = [grad_x, None, None]
-        for g, xa, grad_A, s, want in zip(g_los, xa_all.split(ranks, dim=1), grad_As, ctx.scalings, wants):
+        for g, xa, grad_A, s, want in zip(g_los, xas, grad_As, ctx.scalings, wants):
             grad_B = (g.t() @ xa).mul_(s) if want[3] else None
             out += [None, None, grad_A if want[2] else None, grad_B, None]
         return tuple(out)

@@ -222,6 +222,19 @@ def test_lora_shared_input_matches_separate_layers(bias):
     assert not fast_grads[3].any()
 
 
+def test_lora_shared_input_forward_is_lora_linear_to_the_bit():
+    """Grouped or not, with gradients or without, a projection's output is the same float32 numbers."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    layers = [(torch.randn(out, 32), torch.randn(out), torch.randn(r, 32, requires_grad=True),
+               torch.randn(out, r, requires_grad=True), s) for out, r, s in ((32, 8, 2.0), (16, 2, 0.5), (16, 5, 1.0))]
+    grouped = lora_shared_input(x, layers)
+    with torch.no_grad():
+        apart = [lora_linear(x, *layer) for layer in layers]
+    for a, b in zip(grouped, apart):
+        assert torch.equal(a, b)
+
+
 def test_lora_shared_input_gradcheck():
     torch.manual_seed(0)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
@@ -269,6 +282,31 @@ def test_qkv_share_one_node_in_training_only(monkeypatch):
         expected = attn.v_proj(h)
         fusion.attach(model.base_model.model)
     torch.testing.assert_close(attn.v_proj(h), expected)
+
+
+def test_q_and_v_alone_are_grouped_too(monkeypatch):
+    """PEFT's default Llama targets (q_proj, v_proj): k_proj stays a plain layer between them."""
+    import lorakit.fusion as fusion
+
+    calls = []
+    monkeypatch.setattr(fusion, "lora_shared_input", lambda x, parts, *a: calls.append(len(parts)) or lora_shared_input(x, parts, *a))
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def grads(group):
+        torch.manual_seed(1)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).train()
+        for layer in model.modules():
+            if not group and isinstance(layer, Linear):
+                layer.__dict__.pop("forward", None)  # the grouping's stand-in
+        logits(model, ids).pow(2).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    grouped = grads(True)
+    assert calls == [2, 2]  # one node of two layers per decoder layer
+    apart = grads(False)
+    assert calls == [2, 2]
+    for name in grouped:
+        torch.testing.assert_close(grouped[name], apart[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_fused_mlp_is_used_in_training_and_inference_but_not_without_adapters(monkeypatch):

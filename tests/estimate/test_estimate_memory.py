@@ -166,12 +166,12 @@ def test_tied_embeddings_add_their_second_gradient_at_the_end():
 
 def test_fused_mlp_counts_for_lorakit_lora_only():
     """LoRA on gate, up and down: two (tokens, intermediate) tensors fewer per layer, minus the stacked
-    [A_gate; A_up] and [A_q; A_k; A_v] kept once per layer; a QLoRA (bitsandbytes) base keeps the MLP's own four."""
+    [A_gate; A_up] kept once per layer; a QLoRA (bitsandbytes) base keeps the MLP's own four."""
     shape = A.Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256)
     adapted = {n: 16 for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     fused = A.activation_bytes(shape, 1, 2048, 2, adapted, checkpointing=False)
     plain = A.activation_bytes(shape, 1, 2048, 2, adapted, checkpointing=False, fused_blocks=False)
-    assert plain.kept - fused.kept == 32 * (2048 * 2 * 2 * shape.intermediate - 4 * (32 + 48) * shape.hidden)
+    assert plain.kept - fused.kept == 32 * (2048 * 2 * 2 * shape.intermediate - 4 * 32 * shape.hidden)
     lora = estimate("llama-3.1-8b", "lora", targets="all-linear", batch_size=1, seq_len=2048)
     qlora = estimate("llama-3.1-8b", "qlora", targets="all-linear", batch_size=1, seq_len=2048)
     assert qlora.memory.activations - lora.memory.activations >= plain.kept - fused.kept

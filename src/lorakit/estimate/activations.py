@@ -11,7 +11,8 @@ lorakit's LoRA layer, and checked against autograd's saved tensors in tests/esti
   reading the same tensor share (q/k/v; gate/up), and the fp32 (tokens, r) product x A^T.
 - With LoRA on gate, up and down, lorakit's fused SwiGLU keeps only
   gate and up (silu and the product are recomputed in backward), and the stacked [A_gate; A_up].
-- With LoRA on q, k and v, they run as one node that keeps the stacked [A_q; A_k; A_v].
+- With LoRA on two or three of q, k and v, they run as one node that keeps what they would
+  keep apart.
 - In fp32, lorakit's q/k/v and fused MLP keep the norm's input (which the norm keeps anyway)
   instead of its output, and remake the output in backward (`lorakit.recompute`); not in the
   first layer's attention, whose norm input needs no gradient and is not kept by the norm.
@@ -33,7 +34,6 @@ INPUT_OF = {
     "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out",
 }
 FUSED_MLP = {"gate_proj", "up_proj", "down_proj"}  # all three adapted: lorakit.fusion runs the MLP as one node
-FUSED_QKV = ("q_proj", "k_proj", "v_proj")  # all three adapted: one node sharing their input
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,6 @@ def lora_layer_bytes(shape: Shape, tokens: int, b: int, adapted: Mapping[str, in
               if not (fused and n == "down_proj") and INPUT_OF.get(n) not in remade}  # the product is recomputed
     adapters = sum(ADAPTER_BYTES * r for r in adapted.values()) + _adapter_input_bytes(shape, b, inputs)
     stacked_a = ADAPTER_BYTES * (adapted["gate_proj"] + adapted["up_proj"]) * shape.hidden if fused else 0  # [A_gate; A_up]
-    if fused_blocks and set(FUSED_QKV) <= set(adapted):
-        stacked_a += ADAPTER_BYTES * sum(adapted[n] for n in FUSED_QKV) * shape.hidden  # [A_q; A_k; A_v]
     return tokens * (norms + _attention(shape, b) + mlp + adapters) + stacked_a
 
 
