@@ -79,11 +79,12 @@ def _run(name: str, adapter_dir: str, steps: int) -> dict:
         step_loss = lambda: model(**batch).loss  # noqa: E731
     elif name in ("lorakit", "lorakit-memory"):
         from lorakit import PeftModel
-        from lorakit.allocator import return_freed_memory_to_os
+        from lorakit.allocator import cache_cpu_allocations, return_freed_memory_to_os
         from lorakit.loss import causal_lm_loss
 
-        if name == "lorakit-memory":
-            return_freed_memory_to_os()  # as lorakit's trainer does with gradient checkpointing on a CPU
+        # as lorakit's trainer does on a CPU
+        if not cache_cpu_allocations() and name == "lorakit-memory":
+            return_freed_memory_to_os()
 
         if name == "lorakit-memory":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

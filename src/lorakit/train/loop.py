@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lorakit.allocator import return_freed_memory_to_os
+from lorakit.allocator import cache_cpu_allocations, return_freed_memory_to_os
 
 from lorakit.data import Example, collate, pad_token_id
 from lorakit.io import atomic_write_bytes
@@ -76,8 +76,9 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     world = launched_world(config.distributed)
     device = train_device(config.device, world)
-    if config.gradient_checkpointing and device.type == "cpu":
-        # memory mode on a CPU: hand freed activations back to the OS (costs page faults, saves ~20 %)
+    if device.type == "cpu" and not cache_cpu_allocations() and config.gradient_checkpointing:
+        # no caching allocator: in memory mode hand freed activations back to the OS instead
+        # (costs page faults, saves ~20 %)
         return_freed_memory_to_os()
     join_process_group(world, device, config.dist_timeout)
     return _train(config, world, device, started)
