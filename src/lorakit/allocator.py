@@ -7,17 +7,20 @@ the OS on free but are zero-filled and page-faulted in anew each time (~1.4 mill
 for SmolLM2 in memory mode). `cache_cpu_allocations` installs a caching allocator, as PyTorch
 has for CUDA: blocks of 1 MB and more are kept on free, by size (rounded to 64 KB), and handed
 out again, so after the first step there are no page faults and no fragmentation. It is C++
-(PyTorch lets an allocator be set only from C++), compiled once with the system's compiler and
-ninja (~20 s; PyTorch keeps the build under ~/.cache/torch_extensions); where that fails, the
-trainer falls back to `return_freed_memory_to_os` (memory mode) or glibc's default.
+(PyTorch lets an allocator be set only from C++), compiled once per Python environment with
+the system's compiler and ninja (~20 s; kept under ~/.cache/torch_extensions); where that fails,
+the trainer falls back to `return_freed_memory_to_os` (memory mode) or glibc's default.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import logging
+import os
 import sys
+from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 _log = logging.getLogger(__name__)
@@ -112,7 +115,8 @@ def cache_cpu_allocations(threshold_bytes: int = 1 << 20) -> bool:
         from torch.utils.cpp_extension import load_inline
 
         module = load_inline("lorakit_caching_allocator", cpp_sources=_CACHING_SOURCE,
-                             functions=["install", "held_bytes"], verbose=False)
+                             functions=["install", "held_bytes"], build_directory=str(_build_directory()),
+                             verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use glibc's allocator
         _log.warning("lorakit: CPU caching allocator unavailable (%s); using the default allocator",
                      str(error).splitlines()[0] if str(error) else type(error).__name__)
@@ -120,6 +124,15 @@ def cache_cpu_allocations(threshold_bytes: int = 1 << 20) -> bool:
     module.install(threshold_bytes)
     _caching = module
     return True
+
+
+def _build_directory() -> Path:
+    """One build per Python environment (two venvs sharing one directory would rebuild in turn),
+    under PyTorch's own extensions directory."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    build = root / f"lorakit_caching_allocator-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}"
+    build.mkdir(parents=True, exist_ok=True)
+    return build
 
 
 def cached_bytes() -> int:
