@@ -79,13 +79,10 @@ def _run(name: str, adapter_dir: str, steps: int) -> dict:
         step_loss = lambda: model(**batch).loss  # noqa: E731
     elif name in ("lorakit", "lorakit-memory"):
         from lorakit import PeftModel
-        from lorakit.allocator import cache_cpu_allocations, return_freed_memory_to_os
+        from lorakit.allocator import prepare_cpu_training
         from lorakit.loss import causal_lm_loss
 
-        # as lorakit's trainer does on a CPU
-        if not cache_cpu_allocations() and name == "lorakit-memory":
-            return_freed_memory_to_os()
-
+        prepare_cpu_training(gradient_checkpointing=name == "lorakit-memory")  # as lorakit's trainer does
         if name == "lorakit-memory":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)

@@ -140,6 +140,16 @@ def cached_bytes() -> int:
     return int(_caching.held_bytes()) if _caching is not None else 0
 
 
+def prepare_cpu_training(gradient_checkpointing: bool) -> str:
+    """What lorakit's trainer does before training on a CPU: the caching allocator, else (memory
+    mode) glibc's mmap setting. Returns "caching", "mmap" or "default"."""
+    if cache_cpu_allocations():
+        return "caching"
+    if gradient_checkpointing and return_freed_memory_to_os():
+        return "mmap"
+    return "default"
+
+
 def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
     """Serve allocations >= threshold with their own mmap (returned to the OS on free)."""
     if not sys.platform.startswith("linux"):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lorakit.allocator import cache_cpu_allocations, return_freed_memory_to_os
+from lorakit.allocator import prepare_cpu_training
 
 from lorakit.data import Example, collate, pad_token_id
 from lorakit.io import atomic_write_bytes
@@ -76,10 +76,8 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     world = launched_world(config.distributed)
     device = train_device(config.device, world)
-    if device.type == "cpu" and not cache_cpu_allocations() and config.gradient_checkpointing:
-        # no caching allocator: in memory mode hand freed activations back to the OS instead
-        # (costs page faults, saves ~20 %)
-        return_freed_memory_to_os()
+    if device.type == "cpu":
+        prepare_cpu_training(config.gradient_checkpointing)
     join_process_group(world, device, config.dist_timeout)
     return _train(config, world, device, started)
 
