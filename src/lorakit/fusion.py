@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import recompute
-from .kernels import lora_shared_input, lora_swiglu
+from .kernels import LoraWeightsBias, lora_shared_input, lora_swiglu
 from .layers import Linear
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -60,19 +60,18 @@ class FusedSwiGLU:
         return [(W, A, B, s) for W, _, A, B, s in parts]
 
 
-def _fast_weights(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float] | None:
+def _fast_weights(layer: nn.Module, x: Tensor) -> LoraWeightsBias | None:
     """(W, bias, A, B, scaling) of the one adapter `layer` runs for input x on the fast path, with
     frozen base weights in x's dtype; None when the layer needs its general path."""
-    name = layer.fast_adapter() if isinstance(layer, Linear) else None
-    if name is None or layer.fan_in_fan_out:
+    parts = layer.fast_weights() if isinstance(layer, Linear) and not layer.fan_in_fan_out else None
+    if parts is None:
         return None
-    W, bias = layer.base_layer.weight, layer.base_layer.bias
-    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    W, bias, A, B, _ = parts
     if W.requires_grad or W.dtype != x.dtype or A.dtype != B.dtype:
         return None
     if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
         return None
-    return W, bias, A, B, layer.scaling[name]
+    return parts
 
 
 class SharedInput:

@@ -49,13 +49,19 @@ class _LoraLinear(torch.autograd.Function):
         g_low = g.to(B.dtype)
         g_xa = (g_low @ B).mul_(s)  # (tokens, r)
         grad_A = g_xa.t() @ x2.to(A.dtype) if ctx.needs_input_grad[3] else None
-        grad_B = (g_low.t() @ xa).mul_(s) if ctx.needs_input_grad[4] else None
+        grad_B = _grad_B(g_low, xa, s) if ctx.needs_input_grad[4] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (g @ weight).addmm_(g_xa.to(g.dtype), A.to(g.dtype)).reshape(ctx.shape)
         grad_w = g.t() @ x2 if ctx.weight_needs_grad else None
         grad_b = g.sum(0) if ctx.bias_needs_grad else None
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
+
+
+def _grad_B(grad_out: Tensor, xa: Tensor, scaling: float) -> Tensor:
+    """B's gradient, scaling * grad_out^T (x A^T), as the transpose of (r, tokens) @ (tokens, out):
+    on CPU that order runs about twice as fast as (out, tokens) @ (tokens, r)."""
+    return (xa.t() @ grad_out).mul_(scaling).t()
 
 
 def _kept_input(ctx, kept: Tensor) -> Tensor:
@@ -132,7 +138,7 @@ class _LoraShared(torch.autograd.Function):
             grad_x = grad_x.addmm_(g_xa_all.to(grad_x.dtype), a_all).reshape(ctx.shape)
         out: list[Tensor | None] = [grad_x, None, None]
         for g, xa, grad_A, s, want in zip(g_los, xas, grad_As, ctx.scalings, wants):
-            grad_B = (g.t() @ xa).mul_(s) if want[3] else None
+            grad_B = _grad_B(g, xa, s) if want[3] else None
             out += [None, None, grad_A if want[2] else None, grad_B, None]
         return tuple(out)
 
@@ -180,7 +186,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         go_lo = go.to(lo)
         g_xa_d = (go_lo @ bd).mul_(sd)
         grad_ad = g_xa_d.t() @ h.to(lo)
-        grad_bd = (go_lo.t() @ xa_d).mul_(sd)
+        grad_bd = _grad_B(go_lo, xa_d, sd)
         del h, go_lo
         g_h = (go @ wd).addmm_(g_xa_d.to(dt), ad.to(dt))  # (tokens, inter)
         g_u = g_h * silu
@@ -192,8 +198,8 @@ class _LoraSwiGLU(torch.autograd.Function):
         g_g_lo, g_u_lo = g_g.to(lo), g_u.to(lo)
         g_xa_gu = torch.cat([(g_g_lo @ bg).mul_(sg), (g_u_lo @ bu).mul_(su)], dim=1)  # (tokens, rg + ru)
         grad_a_gu = g_xa_gu.t() @ _kept_input(ctx, kept).to(lo)
-        grad_bg = (g_g_lo.t() @ xa_g).mul_(sg)
-        grad_bu = (g_u_lo.t() @ xa_u).mul_(su)
+        grad_bg = _grad_B(g_g_lo, xa_g, sg)
+        grad_bu = _grad_B(g_u_lo, xa_u, su)
         grad_x = (g_g @ wg).addmm_(g_u, wu).addmm_(g_xa_gu.to(dt), a_gu.to(dt)).reshape(ctx.shape)
         grad_ag, grad_au = grad_a_gu.split([rg, grad_a_gu.shape[0] - rg])
         return grad_x, None, grad_ag, grad_bg, None, None, grad_au, grad_bu, None, None, grad_ad, grad_bd, None, None, None

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import functional as LF
 from . import recompute
-from .kernels import lora_linear
+from .kernels import LoraWeightsBias, lora_linear
 from .routing import BASE, Route, current_route
 
 
@@ -274,10 +274,9 @@ class Linear(LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         plan = None if args or kwargs else self._fast_plan(names)  # merged adapters returned or raised above
         if plan is not None:
-            name, A, B = plan
-            remake, kept = recompute.source(self.input_norm, x)
-            return lora_linear(x, self._weight_out_in(), self.base_layer.bias, A.weight, B.weight, self.scaling[name],
-                               remake, kept)
+            if not torch.is_grad_enabled():
+                return lora_linear(x, *_plan_weights(plan))
+            return lora_linear(x, *_plan_weights(plan), *recompute.source(self.input_norm, x))
         result = self.base_layer(x, *args, **kwargs)
         for name in names:
             if name in self.r:
@@ -286,18 +285,31 @@ class Linear(LoraLayer):
 
     def fast_adapter(self) -> str | None:
         """The one adapter this call would run on the fused fast path, or None if it needs the general one."""
-        rows, names = self._wanted()
-        plan = None if self.merged_adapters or rows is not None else self._fast_plan(names)
+        plan = self._call_plan()
         return None if plan is None else plan[0]
 
-    def _fast_plan(self, names: Sequence[str]) -> tuple[str, nn.Module, nn.Module] | None:
-        """(adapter, its A and B modules) when `names` asks for one adapter the fused kernel covers,
-        else None; cached per (names, train/eval) until update_layer/delete_adapter change the layer."""
+    def fast_weights(self) -> LoraWeightsBias | None:
+        """(W (out, in), bias, A, B, scaling) of the adapter this call would run on the fast path, or None."""
+        plan = self._call_plan()
+        return None if plan is None else _plan_weights(plan)
+
+    def _call_plan(self) -> tuple | None:
+        rows, names = self._wanted()
+        return None if self.merged_adapters or rows is not None else self._fast_plan(names)
+
+    def _fast_plan(self, names: Sequence[str]) -> tuple | None:
+        """(adapter, base layer, its A and B modules, scaling, base weight transposed?) when `names`
+        asks for one adapter the fused kernel covers, else None. Cached per (names, train/eval)
+        until update_layer/delete_adapter change the layer; the tensors themselves are read at
+        each call (see _plan_weights), so weights loaded or moved later are the ones used."""
         key = (tuple(names), self.training)
         if key not in self._fast_names:
             present = [n for n in names if n in self.r]
-            ok = len(present) == 1 and self._fast_path_ok(present[0])
-            self._fast_names[key] = (present[0], self.lora_A[present[0]], self.lora_B[present[0]]) if ok else None
+            plan = None
+            if len(present) == 1 and self._fast_path_ok(present[0]):
+                name = present[0]
+                plan = (name, self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name], self.fan_in_fan_out)
+            self._fast_names[key] = plan
         return self._fast_names[key]
 
     def _fast_path_ok(self, name: str) -> bool:
@@ -414,6 +426,14 @@ class Linear(LoraLayer):
         value = (A_stack, B_stack, bias_stack)
         self._mixed_cache = (names, params, _fingerprint(params), value)
         return value
+
+
+def _plan_weights(plan: tuple) -> LoraWeightsBias:
+    """(W (out, in), bias, A, B, scaling) of a `_fast_plan`, read straight from the modules'
+    parameter tables (Module.__getattr__ is a Python call; decoding does this ~200 times a token)."""
+    _, base, A, B, scaling, transposed = plan
+    weight = base._parameters["weight"]
+    return (weight.T if transposed else weight), base._parameters.get("bias"), A._parameters["weight"], B._parameters["weight"], scaling
 
 
 def _fingerprint(params: list[Tensor]) -> tuple:
