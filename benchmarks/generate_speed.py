@@ -46,27 +46,31 @@ def main() -> int:
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
     times: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}  # process time: steadier on a shared machine
     outputs = {}
     with torch.inference_mode():
         for name, model in models.items():  # warm-up
             outputs[name] = model.generate(ids, **kwargs)
         for _ in range(args.rounds):
             for name, model in models.items():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 model.generate(ids, **kwargs)
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - cpu_start)
     tokens = args.batch * args.new_tokens
-    base = statistics.median(times["base"])
-    print(f"| model (batch {args.batch}, {args.new_tokens} new tokens) | tokens/s | time vs base |")
-    print("|---|---:|---:|")
+
+    def vs_base(series: dict[str, list[float]], name: str) -> float:
+        return statistics.median(series[name]) / statistics.median(series["base"])
+
+    print(f"| model (batch {args.batch}, {args.new_tokens} new tokens) | tokens/s | time vs base | CPU time vs base |")
+    print("|---|---:|---:|---:|")
     for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"| {name} | {tokens / t:.1f} | {t / base:.3f} |")
+        print(f"| {name} | {tokens / statistics.median(ts):.1f} | {vs_base(times, name):.3f} | {vs_base(cpu, name):.3f} |")
     same = all(torch.equal(outputs["lorakit unmerged"], outputs[n]) for n in ("PEFT unmerged",))
     print(
-        f"merged_vs_base={statistics.median(times['lorakit merged']) / base:.3f} "
-        f"unmerged_vs_base={statistics.median(times['lorakit unmerged']) / base:.3f} "
-        f"peft_unmerged_vs_base={statistics.median(times['PEFT unmerged']) / base:.3f} same_tokens_as_peft={same}"
+        f"merged_vs_base={vs_base(times, 'lorakit merged'):.3f} unmerged_vs_base={vs_base(times, 'lorakit unmerged'):.3f} "
+        f"peft_unmerged_vs_base={vs_base(times, 'PEFT unmerged'):.3f} "
+        f"cpu_unmerged_vs_base={vs_base(cpu, 'lorakit unmerged'):.3f} same_tokens_as_peft={same}"
     )
     return 0
 

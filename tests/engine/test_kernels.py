@@ -359,6 +359,30 @@ def test_fast_path_choice_follows_mode_and_adapter_changes():
     assert not torch.allclose(logits(model, ids), other_out)  # the new "other", not a cached old one
 
 
+def test_fast_path_uses_parameters_replaced_after_the_plan_was_cached():
+    """The cached plan holds the modules, not their tensors: parameters assigned anew (load_state_dict
+    with assign=True, a user's swap) are the ones the next call runs, in inference and in training."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        before = logits(model, ids)
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items() if "lora_" in k}
+    model.load_state_dict(state, strict=False, assign=True)
+    with torch.no_grad():
+        after = logits(model, ids)
+    reference = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear")).eval()
+    reference.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, logits(reference, ids))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    layer.base_layer.weight = torch.nn.Parameter(torch.zeros_like(layer.base_layer.weight), requires_grad=False)
+    reference.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.data.zero_()
+    model.train(), reference.train()
+    torch.testing.assert_close(logits(model, ids), logits(reference, ids))
+
+
 def test_norm_outputs_are_remade_in_backward_with_identical_gradients(monkeypatch):
     """q/k/v and the fused MLP keep the norm's input and remake its output: the same gradients, bit for bit."""
     import lorakit.recompute as recompute
