@@ -70,6 +70,27 @@ def test_linear_cross_entropy_large_logits_and_an_all_ignored_chunk():
     assert fast_grad[4:8].abs().sum() == 0
 
 
+def test_linear_cross_entropy_runs_the_head_on_labelled_positions_only(monkeypatch):
+    import lorakit.kernels as kernels
+
+    rows = []
+    real = kernels._LinearCrossEntropy.apply
+    monkeypatch.setattr(kernels._LinearCrossEntropy, "apply", lambda h, *rest: rows.append(len(h)) or real(h, *rest))
+    torch.manual_seed(0)
+    h = torch.randn(2, 6, 8, requires_grad=True)
+    W = torch.randn(20, 8)
+    y = torch.randint(0, 20, (2, 6))
+    y[0, :4] = -100  # a prompt
+    y[1, 5] = -100  # padding
+    fast = linear_cross_entropy(h, W, y, chunk=4)
+    plain = F.cross_entropy((h @ W.T).reshape(-1, 20), y.reshape(-1), ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(torch.autograd.grad(fast, h)[0], torch.autograd.grad(plain, h)[0])
+    assert rows == [7]
+    nothing = linear_cross_entropy(h, W, torch.full_like(y, -100))
+    assert nothing.item() == 0 and torch.autograd.grad(nothing, h)[0].abs().sum() == 0
+
+
 @pytest.mark.parametrize("make, targets, dtype", [(tiny_llama, "all-linear", torch.float32),
                                                   (tiny_llama, "all-linear", torch.bfloat16),
                                                   (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], torch.float32)],
