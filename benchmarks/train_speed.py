@@ -11,6 +11,12 @@ of the timed steps.
     python benchmarks/train_speed.py            # all contenders, prints the markdown table
     python benchmarks/train_speed.py --steps 5  # timed steps per contender (default 5)
     python benchmarks/train_speed.py --rounds 3 # each contender 3 times, alternating; medians
+    python benchmarks/train_speed.py --prompt-share 0.65  # instruction tuning: no loss on the
+                                                          # first 65 % of each row (a prompt)
+
+By default every position has a label (the workload of issue #4). With --prompt-share, as in
+instruction tuning with the prompt masked out (the demo's data: 35 % of tokens are answers),
+the first part of each row has label -100 for every contender.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 BATCH, SEQ, WARMUP = 4, 256, 2
 
 
-def _batch(vocab: int):
+def _batch(vocab: int, prompt_share: float = 0.0):
     import torch
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    labels = ids.clone()
+    labels[:, : round(prompt_share * SEQ)] = -100  # the prompt: no loss there
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def _make_initial_adapter(directory: str) -> None:
@@ -58,7 +66,7 @@ def _make_initial_adapter(directory: str) -> None:
     get_peft_model(model, config).save_pretrained(directory)
 
 
-def _run(name: str, adapter_dir: str, steps: int) -> dict:
+def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0) -> dict:
     import torch
 
     from lorakit.models import load_model
@@ -66,7 +74,7 @@ def _run(name: str, adapter_dir: str, steps: int) -> dict:
     torch.manual_seed(0)
     model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
     model.train()
-    batch = _batch(model.config.vocab_size)
+    batch = _batch(model.config.vocab_size, prompt_share)
     n_target = int((batch["labels"][:, 1:] != -100).sum())
 
     if name in ("peft", "peft-gc"):
@@ -178,12 +186,16 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", choices=list(CONTENDERS), help="run only these contenders")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every contender this many times, alternating, and report the medians")
+    parser.add_argument("--prompt-share", type=float, default=0.0,
+                        help="share of each row (from its start) without labels, as a masked prompt")
     parser.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one, print JSON
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 0 <= args.prompt_share < 1:
+        parser.error(f"--prompt-share {args.prompt_share}: must be at least 0 and below 1 (some positions need labels)")
 
     if args.contender:
-        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps)))
+        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps, args.prompt_share)))
         return 0
 
     names = args.only or list(CONTENDERS)
@@ -194,7 +206,8 @@ def main() -> int:
             for name in names:
                 print(f"round {round_ + 1}/{args.rounds}: running {name} …", file=sys.stderr, flush=True)
                 out = subprocess.run(
-                    [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps)],
+                    [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps),
+                     "--prompt-share", str(args.prompt_share)],
                     capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
                 )
                 if out.returncode != 0:
