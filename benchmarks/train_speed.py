@@ -14,6 +14,11 @@ of the timed steps.
     python benchmarks/train_speed.py --prompt-share 0.65  # instruction tuning: no loss on the
                                                           # first 65 % of each row (a prompt)
 
+`lorakit-medium` is lorakit with the frozen base weights' products at torch's matmul precision
+"medium" (`lorakit.frozen_matmul_precision`: bf16 operands, fp32 accumulation, on CPUs with AMX;
+TF32 on NVIDIA GPUs); `--matmul-precision` instead sets torch's own process-wide precision for
+every contender.
+
 By default every position has a label (the workload of issue #4). With --prompt-share, as in
 instruction tuning with the prompt masked out (the demo's data: 35 % of tokens are answers),
 the first part of each row has label -100 for every contender.
@@ -35,6 +40,7 @@ CONTENDERS = {
     "peft": "PEFT 0.21 + transformers (reference)",
     "lorakit": "lorakit default",
     "lorakit-memory": "lorakit memory mode (checkpointing + chunked loss)",
+    "lorakit-medium": "lorakit, frozen products at matmul precision medium (bf16 on AMX)",
     "peft-gc": "PEFT + transformers gradient checkpointing",
     "full": "full fine-tuning (transformers)",
     "floor": "floor: frozen base forward + backward to inputs",
@@ -66,11 +72,12 @@ def _make_initial_adapter(directory: str) -> None:
     get_peft_model(model, config).save_pretrained(directory)
 
 
-def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0) -> dict:
+def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, precision: str = "highest") -> dict:
     import torch
 
     from lorakit.models import load_model
 
+    torch.set_float32_matmul_precision(precision)  # the same for every contender
     torch.manual_seed(0)
     model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
     model.train()
@@ -85,8 +92,8 @@ def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0) -> 
             model.enable_input_require_grads()
         model = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
         step_loss = lambda: model(**batch).loss  # noqa: E731
-    elif name in ("lorakit", "lorakit-memory"):
-        from lorakit import PeftModel
+    elif name in ("lorakit", "lorakit-memory", "lorakit-medium"):
+        from lorakit import PeftModel, frozen_matmul_precision
         from lorakit.allocator import prepare_cpu_training
         from lorakit.loss import causal_lm_loss
 
@@ -94,8 +101,11 @@ def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0) -> 
         if name == "lorakit-memory":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-        chunk = 256
-        step_loss = lambda: causal_lm_loss(model, batch, chunk=chunk)[0] / n_target  # noqa: E731
+        level = "medium" if name == "lorakit-medium" else "highest"
+
+        def step_loss():
+            with frozen_matmul_precision(level):  # backward keeps the level its forward ran at
+                return causal_lm_loss(model, batch, chunk=256)[0] / n_target
     elif name == "full":
         step_loss = lambda: model(**batch).loss  # noqa: E731
     elif name == "floor":
@@ -172,6 +182,11 @@ def _summary(results: dict[str, dict]) -> str:
         f"cpu_speed_vs_peft={peft['cpu_s'] / ours['cpu_s']:.2f}",
         f"cpu_floor_ratio={ours['cpu_s'] / floor['cpu_s']:.2f}",
     ]
+    if "lorakit-medium" in results:
+        medium = results["lorakit-medium"]
+        diff = max(abs(a - b) / abs(a) for a, b in zip(peft["losses"][:n], medium["losses"][:n]))
+        parts += [f"medium_speed_vs_peft={medium['tokens_per_s'] / peft['tokens_per_s']:.2f}",
+                  f"medium_loss_rel_diff={diff:.1e}"]
     if "lorakit-memory" in results:
         mem = results["lorakit-memory"]
         parts.append(f"memory_mode_vs_peft={mem['peak_rss_gb'] / peft['peak_rss_gb']:.2f}")
@@ -188,6 +203,9 @@ def main() -> int:
                         help="run every contender this many times, alternating, and report the medians")
     parser.add_argument("--prompt-share", type=float, default=0.0,
                         help="share of each row (from its start) without labels, as a masked prompt")
+    parser.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
+                        help="torch.set_float32_matmul_precision for every contender (medium: bf16 products "
+                             "on CPUs with AMX, TF32 on NVIDIA GPUs)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one, print JSON
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,7 +213,7 @@ def main() -> int:
         parser.error(f"--prompt-share {args.prompt_share}: must be at least 0 and below 1 (some positions need labels)")
 
     if args.contender:
-        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps, args.prompt_share)))
+        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps, args.prompt_share, args.matmul_precision)))
         return 0
 
     names = args.only or list(CONTENDERS)
@@ -207,7 +225,7 @@ def main() -> int:
                 print(f"round {round_ + 1}/{args.rounds}: running {name} …", file=sys.stderr, flush=True)
                 out = subprocess.run(
                     [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps),
-                     "--prompt-share", str(args.prompt_share)],
+                     "--prompt-share", str(args.prompt_share), "--matmul-precision", args.matmul_precision],
                     capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
                 )
                 if out.returncode != 0:

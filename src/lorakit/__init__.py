@@ -18,6 +18,7 @@ _EXPORTS = {
     "PeftModel": "peft_model",
     "get_peft_model": "peft_model",
     "estimate": "estimate",
+    "frozen_matmul_precision": "precision",
 }
 # PEFT's task-specific class is the same handle here: lorakit passes every call through.
 _ALIASES = {"PeftModelForCausalLM": ("peft_model", "PeftModel")}

@@ -87,6 +87,7 @@ def run_demo(
     output_dir: str | os.PathLike = DEFAULT_OUTPUT,
     model: str = DEMO_MODEL,
     max_steps: int | None = None,
+    frozen_matmul_precision: str = "highest",
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Evaluate, fine-tune, evaluate again; the adapter is left in `output_dir` (replaced each run)."""
@@ -107,7 +108,8 @@ def run_demo(
     log(f"  held-out accuracy before: {before:.0%} ({eval_seconds:.0f} s)")
 
     # a progress bar only where someone watches it; a log file gets plain lines
-    config = demo_train_config(data / "train.jsonl", out, model, max_steps, quiet=not sys.stderr.isatty())
+    config = demo_train_config(data / "train.jsonl", out, model, max_steps, quiet=not sys.stderr.isatty(),
+                               frozen_matmul_precision=frozen_matmul_precision)
     log(f"fine-tuning with LoRA (r={config.r}, {config.max_steps} steps of {config.batch_size}) -> {out}")
     start = time.perf_counter()
     with quiet_loading():
@@ -171,7 +173,8 @@ def _clip(text: str, width: int = 100) -> str:
 
 # -- the trainer's side ----------------------------------------------------------------------
 def demo_train_config(
-    train_file: Path, output_dir: Path, model: str, max_steps: int | None = None, quiet: bool = False
+    train_file: Path, output_dir: Path, model: str, max_steps: int | None = None, quiet: bool = False,
+    frozen_matmul_precision: str = "highest",
 ) -> Any:
     """`DEMO_RECIPE` as the trainer's `TrainConfig` (the recipe's eval-only keys stay out)."""
     from .train import TrainConfig
@@ -186,4 +189,5 @@ def demo_train_config(
         batch_size=recipe["batch_size"], max_steps=max_steps or recipe["steps"], epochs=recipe["epochs"],
         max_seq_len=recipe["max_seq_len"], warmup_steps=min(recipe["warmup_steps"], max_steps or recipe["steps"]),
         scheduler=recipe["schedule"], train_on_prompt=False, seed=recipe["seed"], quiet=quiet,
+        frozen_matmul_precision=frozen_matmul_precision,
     )

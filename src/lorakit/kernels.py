@@ -13,6 +13,9 @@ saves less for backward and skips the full-size temporaries the plain expression
   logits: chunk by chunk it computes the loss and, already in forward, the gradient for the
   hidden states, so backward is a multiplication. Positions without a label (prompt, padding)
   never reach the head.
+
+The frozen weights' products (x W^T, g W, the head's) run at `lorakit.precision`'s level, exact
+fp32 unless a caller asks for less; the adapters' own products always run exact.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import precision
+from .precision import products
+
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
@@ -31,7 +37,9 @@ class _LoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
-        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        ctx.level = precision.frozen_level(weight)
+        with products(ctx.level):
+            out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
         out = out.addmm_(xa.to(out.dtype), B.t().to(out.dtype), alpha=scaling)
         ctx.save_for_backward(x2 if remake is None else source, xa, weight, A, B)  # see _kept_input
         ctx.remake = remake
@@ -53,7 +61,9 @@ class _LoraLinear(torch.autograd.Function):
         grad_B = _grad_B(g_low, xa, s) if ctx.needs_input_grad[4] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(g_xa.to(g.dtype), A.to(g.dtype)).reshape(ctx.shape)
+            with products(ctx.level):
+                grad_x = g @ weight
+            grad_x = grad_x.addmm_(g_xa.to(g.dtype), A.to(g.dtype)).reshape(ctx.shape)
         grad_w = g.t() @ x2 if ctx.weight_needs_grad else None
         grad_b = g.sum(0) if ctx.bias_needs_grad else None
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
@@ -104,10 +114,12 @@ class _LoraShared(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         layers = [params[i : i + 5] for i in range(0, len(params), 5)]  # (W, bias, A, B, scaling) each
+        ctx.level = precision.frozen_level(*(layer[0] for layer in layers))
         outs, xas = [], []
         for W, bias, A, B, s in layers:
             xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
-            out = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
+            with products(ctx.level):
+                out = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
             outs.append(out.addmm_(xa.to(out.dtype), B.t().to(out.dtype), alpha=s).reshape(*shape[:-1], -1))
             xas.append(xa)
         weights = [t for W, _, A, B, _ in layers for t in (W, A, B)]
@@ -132,9 +144,10 @@ class _LoraShared(torch.autograd.Function):
             grad_As = list((g_xa_all.t() @ _kept_input(ctx, kept).to(lo)).split(ranks))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gs[0] @ Ws[0]
-            for g, W in zip(gs[1:], Ws[1:]):
-                grad_x.addmm_(g, W)
+            with products(ctx.level):
+                grad_x = gs[0] @ Ws[0]
+                for g, W in zip(gs[1:], Ws[1:]):
+                    grad_x.addmm_(g, W)
             a_all = torch.cat(As).to(grad_x.dtype)  # (sum r, in)
             grad_x = grad_x.addmm_(g_xa_all.to(grad_x.dtype), a_all).reshape(ctx.shape)
         out: list[Tensor | None] = [grad_x, None, None]
@@ -164,11 +177,16 @@ class _LoraSwiGLU(torch.autograd.Function):
         a_gu = torch.cat([ag, au])  # (rg + ru, in): one A-matmul for both projections
         xa_gu = x2.to(lo) @ a_gu.t()  # (tokens, rg + ru)
         xa_g, xa_u = xa_gu.split([ag.shape[0], au.shape[0]], dim=1)
-        g = (x2 @ wg.t()).addmm_(xa_g.to(dt), bg.t().to(dt), alpha=sg)  # (tokens, inter)
-        u = (x2 @ wu.t()).addmm_(xa_u.to(dt), bu.t().to(dt), alpha=su)
+        ctx.level = precision.frozen_level(wg, wu, wd)
+        with products(ctx.level):
+            g, u = x2 @ wg.t(), x2 @ wu.t()  # (tokens, inter) each
+        g = g.addmm_(xa_g.to(dt), bg.t().to(dt), alpha=sg)
+        u = u.addmm_(xa_u.to(dt), bu.t().to(dt), alpha=su)
         h = F.silu(g).mul_(u)
         xa_d = h.to(lo) @ ad.t()  # (tokens, rd)
-        out = (h @ wd.t()).addmm_(xa_d.to(dt), bd.t().to(dt), alpha=sd)
+        with products(ctx.level):
+            out = h @ wd.t()
+        out = out.addmm_(xa_d.to(dt), bd.t().to(dt), alpha=sd)
         ctx.save_for_backward(x2 if remake is None else source, xa_gu, g, u, xa_d, wg, wu, wd, a_gu, bg, bu, ad, bd)
         ctx.remake = remake
         ctx.scalings = (sg, su, sd)
@@ -189,7 +207,9 @@ class _LoraSwiGLU(torch.autograd.Function):
         grad_ad = g_xa_d.t() @ h.to(lo)
         grad_bd = _grad_B(go_lo, xa_d, sd)
         del h, go_lo
-        g_h = (go @ wd).addmm_(g_xa_d.to(dt), ad.to(dt))  # (tokens, inter)
+        with products(ctx.level):
+            g_h = go @ wd  # (tokens, inter)
+        g_h = g_h.addmm_(g_xa_d.to(dt), ad.to(dt))
         g_u = g_h * silu
         del silu
         g_g = torch.ops.aten.silu_backward(g_h.mul_(u), g)
@@ -201,7 +221,9 @@ class _LoraSwiGLU(torch.autograd.Function):
         grad_a_gu = g_xa_gu.t() @ _kept_input(ctx, kept).to(lo)
         grad_bg = _grad_B(g_g_lo, xa_g, sg)
         grad_bu = _grad_B(g_u_lo, xa_u, su)
-        grad_x = (g_g @ wg).addmm_(g_u, wu).addmm_(g_xa_gu.to(dt), a_gu.to(dt)).reshape(ctx.shape)
+        with products(ctx.level):
+            grad_x = (g_g @ wg).addmm_(g_u, wu)
+        grad_x = grad_x.addmm_(g_xa_gu.to(dt), a_gu.to(dt)).reshape(ctx.shape)
         grad_ag, grad_au = grad_a_gu.split([rg, grad_a_gu.shape[0] - rg])
         return grad_x, None, grad_ag, grad_bg, None, None, grad_au, grad_bu, None, None, grad_ad, grad_bd, None, None, None
 
@@ -221,7 +243,7 @@ def lora_swiglu(x: Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, level: str) -> Tensor:
         # hidden (tokens, dim), weight (vocab, dim), labels (tokens,): every label a class index
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
@@ -233,7 +255,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk]
             y = labels[start : start + chunk]
             rows = torch.arange(len(y), device=y.device)
-            logits = torch.mm(h, weight.t(), out=buffer[: len(h)]).float()  # (chunk, vocab)
+            with products(level):
+                logits = torch.mm(h, weight.t(), out=buffer[: len(h)]).float()  # (chunk, vocab)
             target = logits[rows, y]
             # log-sum-exp by hand, so that exp(logits - max) is computed once, in place, and is
             # also the softmax the gradient needs
@@ -247,7 +270,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs[rows, y] -= 1
             probs = probs.to(hidden.dtype)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = probs @ weight
+                with products(level):
+                    grad_hidden[start : start + chunk] = probs @ weight
             if grad_weight is not None:
                 grad_weight += (probs.t() @ h).float()
             del logits, exps, probs
@@ -260,7 +284,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 1024) -> Tensor:
@@ -276,4 +300,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: 
     scored = (labels != -100).nonzero().squeeze(1)
     if len(scored) < len(labels):  # the kernel sees class indices only
         hidden, labels = hidden.index_select(0, scored), labels.index_select(0, scored)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    # reduced products only in training (evaluation compares runs: keep it exact)
+    level = precision.frozen_level(weight) if hidden.requires_grad and torch.is_grad_enabled() else "highest"
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, level)

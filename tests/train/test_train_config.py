@@ -52,6 +52,7 @@ def test_defaults():
 @pytest.mark.parametrize("item,hint", [
     ("learnig_rate=1", None), ("bacth_size=2", "did you mean 'batch_size'"),
     ("learning_rate=1", "did you mean 'lr'"), ("gradient_accumulation_steps=2", "did you mean 'grad_accum'"),
+    ("tf32=true", "did you mean 'frozen_matmul_precision'"),
 ])
 def test_unknown_key_lists_valid_ones(recipe, item, hint):
     with pytest.raises(ConfigError) as err:
@@ -74,10 +75,12 @@ def test_unknown_key_in_the_file_names_the_file(tmp_path):
     ("lr=fast", "lr"), ("r=0", "r"), ("r=2.5", "r"), ("method=qlora", "method"), ("batch_size=-1", "batch_size"),
     ("lora_dropout=1.5", "lora_dropout"), ("packing=maybe", "packing"), ("device=gpu", "device"),
     ("max_steps=0", "max_steps"), ("target_modules=[]", "target_modules"), ("eval_fraction=1", "eval_fraction"),
+    ("frozen_matmul_precision=low", "frozen_matmul_precision"),
+    ("frozen_matmul_precision=medium method=full", "frozen_matmul_precision"),
 ])
 def test_bad_value_names_the_field(recipe, item, field):
     with pytest.raises(ConfigError, match=rf"^{field}: "):
-        load_train_config(recipe, [item])
+        load_train_config(recipe, item.split())
 
 
 def test_conflicting_and_missing_options(recipe):

@@ -170,3 +170,15 @@ def test_gradient_checkpointing_and_the_progress_bar(base_config, tmp_path, caps
         assert losses(tmp_path / "ckpt")[step] == pytest.approx(loss, abs=1e-6)
     err = capsys.readouterr().err
     assert "3/3" in err and "loss=" in err and "tok_s=" in err  # tqdm: steps, postfix, ETA
+
+
+def test_frozen_matmul_precision_reaches_the_training_products(base_config, monkeypatch, capsys):
+    import lorakit.kernels as kernels
+
+    levels = []
+    real = kernels.products
+    monkeypatch.setattr(kernels, "products", lambda level: levels.append(level) or real(level))
+    result = train(TrainConfig(**base_config, max_steps=2, frozen_matmul_precision="medium"))
+    assert levels and set(levels) == {"medium"}  # no eval data: every product is a training step's
+    assert "frozen products at medium precision" in capsys.readouterr().out
+    assert torch.get_float32_matmul_precision() == "highest" and result.train_loss is not None

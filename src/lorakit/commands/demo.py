@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="stop the fine-tune after N steps (default: the recipe's)")
+    parser.add_argument("--frozen-matmul-precision", choices=["highest", "high", "medium"], default="highest",
+                        help="precision of the frozen base weights' products while fine-tuning (medium: "
+                             "bf16 operands on CPUs with AMX, TF32 on NVIDIA GPUs; default: highest)")
     parser.add_argument("--examples", type=int, default=3, metavar="N",
                         help="before/after answers to show (default: 3)")
 
@@ -24,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.demo import format_report, run_demo
 
     result = run_demo(data_dir=args.data_dir, output_dir=args.output_dir, model=args.model,
-                      max_steps=args.max_steps, log=lambda line: print(line, flush=True))
+                      max_steps=args.max_steps, frozen_matmul_precision=args.frozen_matmul_precision,
+                      log=lambda line: print(line, flush=True))
     print(format_report(result, args.examples))
     return 0

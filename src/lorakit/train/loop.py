@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.allocator import prepare_cpu_training
-
 from lorakit.data import Example, collate, pad_token_id
 from lorakit.io import atomic_write_bytes
 from lorakit.loss import causal_lm_loss
 from lorakit.models import load_model, pick_device, pick_dtype
+from lorakit.precision import frozen_matmul_precision
 
 from . import parallel, setup
 from .batches import StepPlan, count_targets
@@ -79,7 +79,8 @@ def train(config: TrainConfig) -> TrainResult:
     if device.type == "cpu":
         prepare_cpu_training(config.gradient_checkpointing)
     join_process_group(world, device, config.dist_timeout)
-    return _train(config, world, device, started)
+    with frozen_matmul_precision(config.frozen_matmul_precision):
+        return _train(config, world, device, started)
 
 
 def _train(config: TrainConfig, world: World, device: torch.device, started: float) -> TrainResult:
@@ -370,9 +371,11 @@ def _describe(config: TrainConfig, stats: dict[str, Any], total: int, out: Path,
     method = (f"LoRA r={config.r} alpha={config.lora_alpha}" + (" DoRA" if config.use_dora else "")
               if config.method == "lora" else "full fine-tuning")
     share = 100 * stats["trainable_params"] / max(stats["total_params"], 1)
+    level = config.frozen_matmul_precision
+    precision = "" if level == "highest" else f", frozen products at {level} precision"
     per_rank = f"batch_size {config.batch_size} x grad_accum {config.grad_accum}"
     lines = [
-        f"{config.model} on {stats['device']} ({stats['dtype']}), {method}: "
+        f"{config.model} on {stats['device']} ({stats['dtype']}{precision}), {method}: "
         f"{stats['trainable_params']:,} of {stats['total_params']:,} parameters train ({share:.2f}%)",
         f"data: {stats['train_examples']} examples ({stats['truncated']} truncated to {config.max_seq_len} "
         f"tokens, {stats['dropped']} dropped with nothing to learn)"
