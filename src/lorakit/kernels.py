@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import precision
-from .precision import products
+from .precision import frozen_level, products
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -37,7 +36,7 @@ class _LoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
-        ctx.level = precision.frozen_level(weight)
+        ctx.level = frozen_level(weight)
         with products(ctx.level):
             out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
         out = out.addmm_(xa.to(out.dtype), B.t().to(out.dtype), alpha=scaling)
@@ -114,7 +113,7 @@ class _LoraShared(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
         layers = [params[i : i + 5] for i in range(0, len(params), 5)]  # (W, bias, A, B, scaling) each
-        ctx.level = precision.frozen_level(*(layer[0] for layer in layers))
+        ctx.level = frozen_level(*(layer[0] for layer in layers))
         outs, xas = [], []
         for W, bias, A, B, s in layers:
             xa = x2.to(A.dtype) @ A.t()  # (tokens, r)
@@ -177,7 +176,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         a_gu = torch.cat([ag, au])  # (rg + ru, in): one A-matmul for both projections
         xa_gu = x2.to(lo) @ a_gu.t()  # (tokens, rg + ru)
         xa_g, xa_u = xa_gu.split([ag.shape[0], au.shape[0]], dim=1)
-        ctx.level = precision.frozen_level(wg, wu, wd)
+        ctx.level = frozen_level(wg, wu, wd)
         with products(ctx.level):
             g, u = x2 @ wg.t(), x2 @ wu.t()  # (tokens, inter) each
         g = g.addmm_(xa_g.to(dt), bg.t().to(dt), alpha=sg)
@@ -301,5 +300,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: 
     if len(scored) < len(labels):  # the kernel sees class indices only
         hidden, labels = hidden.index_select(0, scored), labels.index_select(0, scored)
     # reduced products only in training (evaluation compares runs: keep it exact)
-    level = precision.frozen_level(weight) if hidden.requires_grad and torch.is_grad_enabled() else "highest"
+    level = frozen_level(weight) if hidden.requires_grad and torch.is_grad_enabled() else "highest"
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, level)

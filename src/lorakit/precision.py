@@ -8,7 +8,9 @@ is process-wide: on a CPU it also makes `scaled_dot_product_attention` about 3x 
 rank-r LoRA products slower. `frozen_matmul_precision(level)` asks for `level` in the fast
 path's frozen-weight products only (`lorakit.kernels`); attention, norms, the adapters' own
 products and the optimizer stay as they are. Each autograd node takes the level in force when
-its forward ran, so backward (on a GPU, another thread) uses the same one.
+its forward ran, so backward (on a GPU, another thread) uses the same one. Under gradient
+checkpointing backward runs forward again: call backward inside the block too (the trainer
+runs whole steps inside it).
 
 While such a product runs, torch's setting is switched for the whole process: another thread
 doing matmuls at that moment gets the reduced precision too.
