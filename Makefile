@@ -33,6 +33,7 @@ bench-all: bench
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/estimate_vs_measured.py
+	$(PY) benchmarks/matmul_precision.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

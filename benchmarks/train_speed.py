@@ -196,6 +196,8 @@ def _summary(results: dict[str, dict]) -> str:
 
 
 def main() -> int:
+    from lorakit.precision import LEVELS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per contender")
     parser.add_argument("--only", nargs="*", choices=list(CONTENDERS), help="run only these contenders")
@@ -203,7 +205,7 @@ def main() -> int:
                         help="run every contender this many times, alternating, and report the medians")
     parser.add_argument("--prompt-share", type=float, default=0.0,
                         help="share of each row (from its start) without labels, as a masked prompt")
-    parser.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
+    parser.add_argument("--matmul-precision", choices=LEVELS, default="highest",
                         help="torch.set_float32_matmul_precision for every contender (medium: bf16 products "
                              "on CPUs with AMX, TF32 on NVIDIA GPUs)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one, print JSON

@@ -3,9 +3,9 @@
 In LoRA training the frozen weights appear only in products: x W^T in forward and g W for the
 input gradient in backward, most of a step's arithmetic. torch's
 `set_float32_matmul_precision("medium")` runs fp32 products with bf16 operands and fp32
-accumulation (AMX on recent Xeons, 2.5-4x the fp32 speed there; TF32 on NVIDIA GPUs), but it
-is process-wide: on a CPU it also makes `scaled_dot_product_attention` about 3x slower and the
-rank-r LoRA products slower. `frozen_matmul_precision(level)` asks for `level` in the fast
+accumulation (AMX on recent Xeons, 2.3-4.5x the fp32 speed there; TF32 on NVIDIA GPUs), but it
+is process-wide: on a CPU it also makes `scaled_dot_product_attention` 1.5-2x slower, and the
+rank-r LoRA products gain nothing (benchmarks/matmul_precision.py). `frozen_matmul_precision(level)` asks for `level` in the fast
 path's frozen-weight products only (`lorakit.kernels`); attention, norms, the adapters' own
 products and the optimizer stay as they are. Each autograd node takes the level in force when
 its forward ran, so backward (on a GPU, another thread) uses the same one. Under gradient
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -55,12 +55,16 @@ def frozen_level(*weights: torch.Tensor) -> str:
     return level
 
 
+_EXACT = nullcontext()
+
+
+def products(level: str) -> AbstractContextManager:
+    """torch's matmul precision at `level` for the block ("highest": leave it as it is, at no cost)."""
+    return _EXACT if level == "highest" else _reduced(level)
+
+
 @contextmanager
-def products(level: str) -> Iterator[None]:
-    """torch's matmul precision at `level` for the block ("highest": leave it as it is)."""
-    if level == "highest":
-        yield
-        return
+def _reduced(level: str) -> Iterator[None]:
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(level)
     try:
