@@ -74,12 +74,12 @@ def _rss_kib(field: str) -> int:
 
 def _train_steps(config: dict[str, Any], case: Case, batch: int, seq: int, steps: int = 2) -> None:
     """lorakit's training step (as lorakit.train runs it on a GPU): summed-token loss through
-    lorakit.loss.causal_lm_loss, backward, gradient clipping, fused AdamW, set_to_none."""
+    lorakit.fast.loss.causal_lm_loss, backward, gradient clipping, fused AdamW, set_to_none."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lorakit import LoraConfig, get_peft_model
-    from lorakit.loss import causal_lm_loss
+    from lorakit.fast.loss import causal_lm_loss
 
     fields = {k: v for k, v in config.items() if k != "model_type"}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **fields), dtype=torch.float32)

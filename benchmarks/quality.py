@@ -22,7 +22,7 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps (both runs)")
     args = parser.parse_args()
 
-    from lorakit.demo import demo_train_config, evaluate, find_data_dir, read_heldout
+    from lorakit.demo.run import demo_train_config, evaluate, find_data_dir, read_heldout
     from lorakit.generation import load_for_inference
     from lorakit.train import train
 

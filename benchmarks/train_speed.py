@@ -94,8 +94,8 @@ def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, pre
         step_loss = lambda: model(**batch).loss  # noqa: E731
     elif name in ("lorakit", "lorakit-memory", "lorakit-medium"):
         from lorakit import PeftModel, frozen_matmul_precision
-        from lorakit.allocator import prepare_cpu_training
-        from lorakit.loss import causal_lm_loss
+        from lorakit.fast.allocator import prepare_cpu_training
+        from lorakit.fast.loss import causal_lm_loss
 
         prepare_cpu_training(gradient_checkpointing=name == "lorakit-memory")  # as lorakit's trainer does
         if name == "lorakit-memory":
@@ -196,7 +196,7 @@ def _summary(results: dict[str, dict]) -> str:
 
 
 def main() -> int:
-    from lorakit.precision import LEVELS
+    from lorakit.fast.precision import LEVELS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per contender")

@@ -11,17 +11,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BASE": "routing",
+    "BASE": "lora.routing",
     "Estimate": "estimate",
-    "LoraConfig": "config",
-    "LoraModel": "model",
-    "PeftModel": "peft_model",
-    "get_peft_model": "peft_model",
+    "LoraConfig": "lora.config",
+    "LoraModel": "lora.model",
+    "PeftModel": "lora.peft_model",
+    "get_peft_model": "lora.peft_model",
     "estimate": "estimate",
-    "frozen_matmul_precision": "precision",
+    "frozen_matmul_precision": "fast.precision",
 }
 # PEFT's task-specific class is the same handle here: lorakit passes every call through.
-_ALIASES = {"PeftModelForCausalLM": ("peft_model", "PeftModel")}
+_ALIASES = {"PeftModelForCausalLM": ("lora.peft_model", "PeftModel")}
 
 __all__ = sorted([*_EXPORTS, *_ALIASES, "__version__"])
 

@@ -44,7 +44,7 @@ def load_for_inference(
     with adapters a PeftModel whose adapter names are `adapter_names_for(adapters)`.
     """
     from .models import load_model
-    from .peft_model import PeftModel
+    from .lora.peft_model import PeftModel
 
     adapters = [os.fspath(a) for a in adapters]
     for path in adapters:
@@ -78,7 +78,7 @@ def quiet_loading() -> Iterator[None]:
 
 def check_adapter_dir(path: str | os.PathLike) -> None:
     """FileNotFoundError naming `path` unless it is a directory holding an adapter config."""
-    from .config import CONFIG_NAME
+    from .lora.config import CONFIG_NAME
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapter directory not found: {os.fspath(path)}")
@@ -105,7 +105,7 @@ def adapter_names_for(paths: Sequence[str]) -> list[str]:
 
 def base_model_of(adapter_dir: str | os.PathLike) -> str:
     """The adapter's recorded base model if it can be loaded here without a download, else the default."""
-    from .config import CONFIG_NAME
+    from .lora.config import CONFIG_NAME
 
     with open(os.path.join(adapter_dir, CONFIG_NAME), encoding="utf-8") as fh:
         try:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lorakit import cli
-from lorakit.demo import DemoResult, demo_train_config, find_data_dir, format_report, read_heldout, run_demo
-from lorakit.demo_task import DEMO_RECIPE
+from lorakit.demo.run import DemoResult, demo_train_config, find_data_dir, format_report, read_heldout, run_demo
+from lorakit.demo.task import DEMO_RECIPE
 
 REPO_DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 

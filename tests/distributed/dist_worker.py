@@ -22,8 +22,8 @@ import torch
 
 torch.set_num_threads(1)
 
-import lorakit.layers  # noqa: E402
-import lorakit.loss  # noqa: E402
+import lorakit.lora.layers  # noqa: E402
+import lorakit.fast.loss  # noqa: E402
 import lorakit.train.loop  # noqa: E402
 from lorakit.cli import main  # noqa: E402
 
@@ -56,8 +56,8 @@ if os.environ.get("DIST_TEST_SLOW"):
 spy_dir = os.environ.get("DIST_TEST_SPY")
 if spy_dir:
     Path(spy_dir).mkdir(parents=True, exist_ok=True)
-    lorakit.loss.linear_cross_entropy = spy("linear_cross_entropy", lorakit.loss.linear_cross_entropy)
-    lorakit.layers.lora_linear = spy("lora_linear", lorakit.layers.lora_linear)
+    lorakit.fast.loss.linear_cross_entropy = spy("linear_cross_entropy", lorakit.fast.loss.linear_cross_entropy)
+    lorakit.lora.layers.lora_linear = spy("lora_linear", lorakit.lora.layers.lora_linear)
 
 for index, line in enumerate(sys.argv[1:]):
     status = main(shlex.split(line))

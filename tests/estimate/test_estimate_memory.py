@@ -11,7 +11,7 @@ from lorakit.estimate import estimate
 from lorakit.estimate import memory as M
 from lorakit.estimate.loss import fused_loss_bytes
 from lorakit.estimate.params import decoder_shape
-from lorakit.loss import causal_lm_loss
+from lorakit.fast.loss import causal_lm_loss
 
 BATCH, SEQ = 2, 24
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 
-from lorakit.routing import BASE
+from lorakit.lora.routing import BASE
 from lorakit.serve import AdapterRegistry, Engine, GenerationRequest, SamplingParams, Update
 from serve_helpers import load_tiny, reference_tokens
 

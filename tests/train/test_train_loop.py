@@ -173,7 +173,7 @@ def test_gradient_checkpointing_and_the_progress_bar(base_config, tmp_path, caps
 
 
 def test_frozen_matmul_precision_reaches_the_training_products(base_config, monkeypatch, capsys):
-    import lorakit.kernels as kernels
+    import lorakit.fast.kernels as kernels
 
     levels = []
     real = kernels.products

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.demo import format_report, run_demo
+    from lorakit.demo.run import format_report, run_demo
 
     result = run_demo(data_dir=args.data_dir, output_dir=args.output_dir, model=args.model,
                       max_steps=args.max_steps, frozen_matmul_precision=args.frozen_matmul_precision,

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.generation import adapter_names_for, generate, load_for_inference
-    from lorakit.routing import BASE
+    from lorakit.lora.routing import BASE
 
     prompts = args.prompt or read_prompts(args.prompt_file)
     model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype, device=args.device)

@@ -14,7 +14,7 @@ lorakit's LoRA layer, and checked against autograd's saved tensors in tests/esti
 - With LoRA on two or three of q, k and v, they run as one node that keeps what they would
   keep apart.
 - In fp32, lorakit's q/k/v and fused MLP keep the norm's input (which the norm keeps anyway)
-  instead of its output, and remake the output in backward (`lorakit.recompute`); not in the
+  instead of its output, and remake the output in backward (`lorakit.fast.recompute`); not in the
   first layer's attention, whose norm input needs no gradient and is not kept by the norm.
 - Gradient checkpointing (transformers' per-layer, non-reentrant) keeps each layer's input and
   recomputes one layer at a time in backward.
@@ -33,7 +33,7 @@ INPUT_OF = {
     "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
     "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out",
 }
-FUSED_MLP = {"gate_proj", "up_proj", "down_proj"}  # all three adapted: lorakit.fusion runs the MLP as one node
+FUSED_MLP = {"gate_proj", "up_proj", "down_proj"}  # all three adapted: lorakit.fast.fusion runs the MLP as one node
 
 
 @dataclass(frozen=True)

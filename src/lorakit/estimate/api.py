@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from . import memory as M
-from ..fusion import SWIGLU_MLPS
+from ..fast.fusion import SWIGLU_MLPS
 from .activations import ADAPTER_BYTES, Activations, activation_bytes
 from .loss import engine_chunk, fused_loss_bytes, plain_loss_bytes
 from .params import ModelFacts, ParamCount, model_facts, safetensors_file_bytes

@@ -1,4 +1,4 @@
-"""Memory of the causal-LM loss at its peak, for the two ways lorakit computes it (lorakit.loss).
+"""Memory of the causal-LM loss at its peak, for the two ways lorakit computes it (lorakit.fast.loss).
 
 Fused (`linear_cross_entropy`, for plain-head architectures): the logits exist one chunk of
 tokens at a time (`causal_lm_loss`'s default chunk, read from the engine), and the gradient of
@@ -16,7 +16,7 @@ from .activations import Shape
 
 def engine_chunk() -> int:
     """The chunk (tokens) lorakit's training loss uses by default."""
-    from lorakit.loss import causal_lm_loss
+    from lorakit.fast.loss import causal_lm_loss
 
     return inspect.signature(causal_lm_loss).parameters["chunk"].default
 

@@ -48,7 +48,7 @@ class ModelFacts:
     head_params: int  # the output layer's weight (its gradient arrives first in backward)
     tied_head: bool  # the head is the input embedding (its gradient is made twice and summed)
     largest_linear: int  # the biggest Linear weight (QLoRA dequantises one at a time)
-    fused_loss: bool  # lorakit's chunked linear cross-entropy applies (lorakit.loss)
+    fused_loss: bool  # lorakit's chunked linear cross-entropy applies (lorakit.fast.loss)
     adapted: dict[str, int]  # short name of each adapted layer (q_proj, …) -> rank, as in one layer
     adapter_tensors: tuple[tuple[str, tuple[int, ...]], ...]  # (PEFT file key, shape) of the adapter
 
@@ -66,8 +66,8 @@ def _cached_facts(key: str) -> ModelFacts:
     import torch
 
     from lorakit import LoraConfig, get_peft_model
-    from lorakit.io import file_key
-    from lorakit.loss import fused_head
+    from lorakit.lora.io import file_key
+    from lorakit.fast.loss import fused_head
 
     config, method, lora = json.loads(key)
     model = _meta_model(config)

@@ -56,7 +56,7 @@ def rank_table(in_features: int, out_features: int, ranks: Iterable[int]) -> Ran
     import torch
     from torch import nn
 
-    from lorakit.layers import Linear
+    from lorakit.lora.layers import Linear
 
     layer_params = in_features * out_features
     rows = []

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorakit.routing import BASE
+from lorakit.lora.routing import BASE
 
 from . import protocol as P
 from .engine import Engine, GenerationRequest, Update

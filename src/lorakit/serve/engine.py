@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.routing import BASE, Route, route
+from lorakit.lora.routing import BASE, Route, route
 
 from .detokenize import TextStream
 from .errors import ServeError

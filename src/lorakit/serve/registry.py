@@ -176,7 +176,7 @@ class AdapterRegistry:
 def _all_linear_names(model: nn.Module) -> set[str]:
     """What target_modules="all-linear" means for `model` before any adapter wraps its layers."""
     from lorakit import LoraConfig
-    from lorakit.targeting import resolve_targets
+    from lorakit.lora.targeting import resolve_targets
 
     try:
         return set(resolve_targets(model, LoraConfig(target_modules="all-linear")))

@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lorakit.allocator import prepare_cpu_training
+from lorakit.fast.allocator import prepare_cpu_training
 from lorakit.data import Example, collate, pad_token_id
-from lorakit.io import atomic_write_bytes
-from lorakit.loss import causal_lm_loss
+from lorakit.lora.io import atomic_write_bytes
+from lorakit.fast.loss import causal_lm_loss
 from lorakit.models import load_model, pick_device, pick_dtype
-from lorakit.precision import frozen_matmul_precision
+from lorakit.fast.precision import frozen_matmul_precision
 
-from . import parallel, setup
+from . import parallel
+from . import setup
 from .batches import StepPlan, count_targets
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from lorakit.io import atomic_write_bytes
+from lorakit.lora.io import atomic_write_bytes
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

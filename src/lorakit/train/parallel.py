@@ -83,7 +83,7 @@ def _fsdp(unit: LossModule, device: torch.device, world: World) -> nn.Module:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks FSDP shards one by one: the classes transformers lists in `_no_split_modules`."""
-    from lorakit.peft_model import PeftModel
+    from lorakit.lora.peft_model import PeftModel
 
     inner = model.base_model.model if isinstance(model, PeftModel) else model
     names = set(getattr(inner, "_no_split_modules", None) or ())

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorakit.io import atomic_write_bytes
+from lorakit.lora.io import atomic_write_bytes
 
 
 def plot_losses(records: Sequence[dict[str, Any]], path: Path) -> bool:

@@ -6,7 +6,7 @@ input gradient in backward, most of a step's arithmetic. torch's
 accumulation (AMX on recent Xeons, 2.3-4.5x the fp32 speed there; TF32 on NVIDIA GPUs), but it
 is process-wide: on a CPU it also makes `scaled_dot_product_attention` 1.5-2x slower, and the
 rank-r LoRA products gain nothing (benchmarks/matmul_precision.py). `frozen_matmul_precision(level)` asks for `level` in the fast
-path's frozen-weight products only (`lorakit.kernels`); attention, norms, the adapters' own
+path's frozen-weight products only (`lorakit.fast.kernels`); attention, norms, the adapters' own
 products and the optimizer stay as they are. Each autograd node takes the level in force when
 its forward ran, so backward (on a GPU, another thread) uses the same one. Under gradient
 checkpointing backward runs forward again: call backward inside the block too (the trainer

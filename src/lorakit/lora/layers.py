@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
-from . import recompute
-from .kernels import LoraWeightsBias, lora_linear
+from ..fast import recompute
+from ..fast.kernels import LoraWeightsBias, lora_linear
 from .routing import BASE, Route, current_route
 
 
@@ -172,7 +172,7 @@ class Linear(LoraLayer):
         self._dora_norms: dict[str, Tensor] = {}
         self._mixed_cache: tuple | None = None  # see _stacked
         self._rows_cache: tuple | None = None  # see _row_plan
-        self.__dict__["input_norm"] = None  # the norm whose output this layer reads, if known (lorakit.recompute)
+        self.__dict__["input_norm"] = None  # the norm whose output this layer reads, if known (lorakit.fast.recompute)
 
     def update_layer(
         self,

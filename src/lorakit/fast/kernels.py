@@ -14,7 +14,7 @@ saves less for backward and skips the full-size temporaries the plain expression
   hidden states, so backward is a multiplication. Positions without a label (prompt, padding)
   never reach the head.
 
-The frozen weights' products (x W^T, g W, the head's) run at `lorakit.precision`'s level, exact
+The frozen weights' products (x W^T, g W, the head's) run at `lorakit.fast.precision`'s level, exact
 fp32 unless a caller asks for less; the adapters' own products always run exact.
 """
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.kernels import linear_cross_entropy, lora_linear, lora_shared_input, lora_swiglu
-from lorakit.layers import Linear
+from lorakit.fast.kernels import linear_cross_entropy, lora_linear, lora_shared_input, lora_swiglu
+from lorakit.lora.layers import Linear
 from tinymodels import logits, tiny_gpt2, tiny_llama
 
 
@@ -71,7 +71,7 @@ def test_linear_cross_entropy_large_logits_and_an_all_ignored_chunk():
 
 
 def test_linear_cross_entropy_runs_the_head_on_labelled_positions_only(monkeypatch):
-    import lorakit.kernels as kernels
+    import lorakit.fast.kernels as kernels
 
     rows = []
     real = kernels._LinearCrossEntropy.apply
@@ -117,10 +117,10 @@ def test_model_gradients_equal_with_and_without_fast_path(make, targets, dtype, 
 
 
 def test_fast_path_is_used_by_default(monkeypatch):
-    import lorakit.layers
+    import lorakit.lora.layers
 
     calls = []
-    monkeypatch.setattr(lorakit.layers, "lora_linear", lambda *a: calls.append(1) or lora_linear(*a))
+    monkeypatch.setattr(lorakit.lora.layers, "lora_linear", lambda *a: calls.append(1) or lora_linear(*a))
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).train()
     logits(model, torch.randint(0, 100, (1, 4))).sum().backward()
     assert len(calls) == 2  # one per layer
@@ -128,7 +128,7 @@ def test_fast_path_is_used_by_default(monkeypatch):
 
 @pytest.mark.parametrize("make, targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn"])])
 def test_causal_lm_loss_matches_transformers(make, targets):
-    from lorakit.loss import causal_lm_loss
+    from lorakit.fast.loss import causal_lm_loss
 
     torch.manual_seed(0)
     model = get_peft_model(make(), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()  # no GPT-2 dropout
@@ -268,7 +268,7 @@ def test_lora_shared_input_gradcheck():
 
 
 def test_qkv_share_one_node_in_training_only(monkeypatch):
-    import lorakit.fusion as fusion
+    import lorakit.fast.fusion as fusion
 
     calls = []
     monkeypatch.setattr(fusion, "lora_shared_input", lambda *a: calls.append(1) or lora_shared_input(*a))
@@ -307,7 +307,7 @@ def test_qkv_share_one_node_in_training_only(monkeypatch):
 
 def test_q_and_v_alone_are_grouped_too(monkeypatch):
     """PEFT's default Llama targets (q_proj, v_proj): k_proj stays a plain layer between them."""
-    import lorakit.fusion as fusion
+    import lorakit.fast.fusion as fusion
 
     calls = []
     monkeypatch.setattr(fusion, "lora_shared_input", lambda x, parts, *a: calls.append(len(parts)) or lora_shared_input(x, parts, *a))
@@ -331,7 +331,7 @@ def test_q_and_v_alone_are_grouped_too(monkeypatch):
 
 
 def test_fused_mlp_is_used_in_training_and_inference_but_not_without_adapters(monkeypatch):
-    import lorakit.fusion as fusion
+    import lorakit.fast.fusion as fusion
 
     calls = []
     monkeypatch.setattr(fusion, "lora_swiglu", lambda *a: calls.append(1) or lora_swiglu(*a))
@@ -406,7 +406,7 @@ def test_fast_path_uses_parameters_replaced_after_the_plan_was_cached():
 
 def test_norm_outputs_are_remade_in_backward_with_identical_gradients(monkeypatch):
     """q/k/v and the fused MLP keep the norm's input and remake its output: the same gradients, bit for bit."""
-    import lorakit.recompute as recompute
+    import lorakit.fast.recompute as recompute
 
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     hits = []
@@ -437,7 +437,7 @@ def test_norm_outputs_are_remade_in_backward_with_identical_gradients(monkeypatc
 def test_fast_paths_under_gradient_checkpointing_give_the_same_gradients(reentrant, monkeypatch):
     """Checkpointed layers run the fused q/k/v, the fused MLP and the norm remake twice (forward,
     then again in backward): the gradients equal those of the uncheckpointed model."""
-    import lorakit.fusion as fusion
+    import lorakit.fast.fusion as fusion
 
     calls = []
     monkeypatch.setattr(fusion, "lora_shared_input", lambda *a: calls.append("qkv") or lora_shared_input(*a))

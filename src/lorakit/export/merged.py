@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_NAME, LoraConfig
-from .io import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from ..lora.config import CONFIG_NAME, LoraConfig
+from ..lora.io import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
 _LORA_A = (".lora_A.weight", ".lora_embedding_A")
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors -> torch
@@ -33,7 +33,7 @@ def merge_adapter_to_dir(
     """
     import torch
 
-    from .generation import load_for_inference
+    from ..generation import load_for_inference
 
     out = Path(out_dir).expanduser().absolute()
     _check_output_dir(out, overwrite)
@@ -85,7 +85,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     Counts come from the weight file's tensors (shapes only, nothing is loaded for safetensors),
     so they describe the file as it is, whatever its config claims.
     """
-    from .generation import check_adapter_dir
+    from ..generation import check_adapter_dir
 
     directory = Path(path)
     check_adapter_dir(directory)
@@ -141,7 +141,7 @@ def _tensor_table(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 }
         except SafetensorError as err:
             raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
-    from .io import load_adapter_weights
+    from ..lora.io import load_adapter_weights
 
     return {
         k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))

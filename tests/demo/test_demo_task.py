@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.demo_task import DEMO_RECIPE, accuracy, score
+from lorakit.demo.task import DEMO_RECIPE, accuracy, score
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "examples" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "examples" / "demo"
 REF = '{"name":"Alice Moreno","guests":4,"day":"Friday","time":"7:30pm"}'
 
 

@@ -7,8 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorakit import LoraConfig, frozen_matmul_precision, get_peft_model
-from lorakit.loss import causal_lm_loss
-from lorakit.precision import frozen_level, products
+from lorakit.fast.loss import causal_lm_loss
+from lorakit.fast.precision import frozen_level, products
 from tinymodels import tiny_llama
 
 PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"}

@@ -200,7 +200,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)
     original = (tmp_path / "adapter_model.safetensors").read_bytes()
-    import lorakit.io as lio
+    import lorakit.lora.io as lio
 
     def crash(*args, **kwargs):
         raise OSError("disk full")

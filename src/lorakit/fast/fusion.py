@@ -11,7 +11,7 @@
   matmul for all and adds their input gradients up in place. The attention calls q_proj,
   k_proj, v_proj in that order on one tensor; the first call computes the group's outputs and
   the next ones take theirs.
-- Norm outputs remade in backward (`lorakit.recompute`): q/k/v learn which norm they read, and
+- Norm outputs remade in backward (`lorakit.fast.recompute`): q/k/v learn which norm they read, and
   the fused MLP too.
 `attach` sets these up when adapters are added; `detach` undoes them.
 """
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import recompute
 from .kernels import LoraWeightsBias, lora_shared_input, lora_swiglu
-from .layers import Linear
+from ..lora.layers import Linear
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -45,7 +45,7 @@ class FusedSwiGLU:
 
     def __init__(self, mlp: nn.Module, norm: nn.Module | None = None) -> None:
         self.mlp = mlp
-        self.norm = norm  # the norm whose output the MLP reads (lorakit.recompute)
+        self.norm = norm  # the norm whose output the MLP reads (lorakit.fast.recompute)
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         parts = self._fast_parts(x) if not args and not kwargs else None
@@ -131,7 +131,7 @@ class SharedInput:
 
 def attach(model: nn.Module) -> None:
     """Fuse every SwiGLU MLP whose projections all carry adapters; in each decoder block, let the
-    adapted projections that read a norm's output remake it in backward (lorakit.recompute)."""
+    adapted projections that read a norm's output remake it in backward (lorakit.fast.recompute)."""
     for module in model.modules():
         if type(module).__name__ in DECODER_LAYERS:
             _link_norms(module)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from lorakit import functional as LF
+from lorakit.lora import functional as LF
 
 
 def test_scaling():

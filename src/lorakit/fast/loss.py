@@ -23,7 +23,7 @@ _PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "g
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, object]:
     """The transformers model inside a PeftModel, and the context that routes its adapters."""
-    from .peft_model import PeftModel
+    from ..lora.peft_model import PeftModel
 
     if isinstance(model, PeftModel):
         return model.base_model.model, model.adapter_scope()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .demo_task import DEMO_RECIPE, accuracy, score
+from .task import DEMO_RECIPE, accuracy, score
 
 DEMO_MODEL = "smollm2-135m"
 DEFAULT_OUTPUT = Path("runs/demo")
@@ -44,7 +44,7 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if data_dir is not None:
         candidates = [Path(data_dir)]
     else:
-        repo = Path(__file__).resolve().parents[2]  # src/lorakit/demo.py -> the checkout
+        repo = Path(__file__).resolve().parents[3]  # src/lorakit/demo/run.py -> the checkout
         candidates = [repo / "examples" / "demo", Path.cwd() / "examples" / "demo"]
     for candidate in candidates:
         if all((candidate / name).is_file() for name in DATA_FILES):
@@ -58,7 +58,7 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 def read_heldout(path: Path) -> tuple[list[list[dict[str, str]]], list[str]]:
     """(conversations up to the answer, reference answers) of a chat-format JSONL file."""
-    from .data import load_records
+    from ..data import load_records
 
     prompts, references = [], []
     for record in load_records(path):
@@ -72,7 +72,7 @@ def read_heldout(path: Path) -> tuple[list[list[dict[str, str]]], list[str]]:
 
 def evaluate(model: Any, tokenizer: Any, prompts: list, references: list[str]) -> tuple[float, list[str]]:
     """(accuracy, answers): greedy, batched, left-padded generation with the recipe's token budget."""
-    from .generation import generate
+    from ..generation import generate
 
     answers = generate(
         model, tokenizer, prompts, max_new_tokens=DEMO_RECIPE["max_new_tokens"], temperature=0.0,
@@ -91,9 +91,9 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Evaluate, fine-tune, evaluate again; the adapter is left in `output_dir` (replaced each run)."""
-    from .generation import load_for_inference, quiet_loading
-    from .peft_model import PeftModel
-    from .train import train
+    from ..generation import load_for_inference, quiet_loading
+    from ..lora.peft_model import PeftModel
+    from ..train import train
 
     data = find_data_dir(data_dir)
     prompts, references = read_heldout(data / "heldout.jsonl")
@@ -177,7 +177,7 @@ def demo_train_config(
     frozen_matmul_precision: str = "highest",
 ) -> Any:
     """`DEMO_RECIPE` as the trainer's `TrainConfig` (the recipe's eval-only keys stay out)."""
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     recipe = DEMO_RECIPE
     if recipe["loss_on"] != "assistant":

@@ -14,7 +14,7 @@ _STEPS = r"""
 import sys
 import torch
 from lorakit import LoraConfig, get_peft_model
-from lorakit.allocator import cache_cpu_allocations, cached_bytes
+from lorakit.fast.allocator import cache_cpu_allocations, cached_bytes
 from tinymodels import logits, tiny_llama
 
 if sys.argv[1] == "cached" and not cache_cpu_allocations(threshold_bytes=1 << 12):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
-from . import fusion
+from ..fast import fusion
 from .config import LoraConfig
 from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper, wrapper_for
 from .routing import disabled
