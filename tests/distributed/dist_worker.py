@@ -22,7 +22,7 @@ import torch
 
 torch.set_num_threads(1)
 
-import lorakit.lora.layers  # noqa: E402
+import lorakit.lora.linear  # noqa: E402
 import lorakit.fast.loss  # noqa: E402
 import lorakit.train.loop  # noqa: E402
 from lorakit.cli import main  # noqa: E402
@@ -36,7 +36,8 @@ def spy(name: str, real):
 
     def wrapper(*args, **kwargs):
         calls[name] += 1
-        calls["dtensor_args"] += sum(isinstance(a, DTensor) for a in (*args, *kwargs.values()))
+        tensors = [t for a in (*args, *kwargs.values()) for t in (a, getattr(a, "A", None), getattr(a, "B", None))]
+        calls["dtensor_args"] += sum(isinstance(t, DTensor) for t in tensors)  # an op's adapters too
         return real(*args, **kwargs)
 
     return wrapper
@@ -57,7 +58,7 @@ spy_dir = os.environ.get("DIST_TEST_SPY")
 if spy_dir:
     Path(spy_dir).mkdir(parents=True, exist_ok=True)
     lorakit.fast.loss.linear_cross_entropy = spy("linear_cross_entropy", lorakit.fast.loss.linear_cross_entropy)
-    lorakit.lora.layers.lora_linear = spy("lora_linear", lorakit.lora.layers.lora_linear)
+    lorakit.lora.linear.lora_linear = spy("lora_linear", lorakit.lora.linear.lora_linear)
 
 for index, line in enumerate(sys.argv[1:]):
     status = main(shlex.split(line))

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+from ..arch import FUSED_BLOCK_TYPES
 from . import memory as M
-from ..fast.fusion import SWIGLU_MLPS
 from .activations import ADAPTER_BYTES, Activations, activation_bytes
 from .loss import engine_chunk, fused_loss_bytes, plain_loss_bytes
 from .params import ModelFacts, ParamCount, model_facts, safetensors_file_bytes
@@ -151,7 +151,7 @@ def _memory(
     gradients = M.gradient_bytes(trainable, param_bytes)
     optimizer_states = M.optimizer_bytes(trainable, optimizer, param_bytes, master)
     activations = activation_bytes(facts.shape, batch, seq, b, None if full else facts.adapted, checkpointing,
-                                   fused_blocks=method == "lora" and facts.model_type in SWIGLU_MLPS)  # not on bitsandbytes layers
+                                   fused_blocks=method == "lora" and facts.model_type in FUSED_BLOCK_TYPES)  # not on bitsandbytes layers
     if method == "qlora":  # one base weight at a time is dequantised to `dtype` for its matmul
         activations = Activations(activations.kept + facts.largest_linear * b, activations.recompute, activations.working)
     if facts.fused_loss:

@@ -56,14 +56,14 @@ def rank_table(in_features: int, out_features: int, ranks: Iterable[int]) -> Ran
     import torch
     from torch import nn
 
-    from lorakit.lora.layers import Linear
+    from lorakit.lora.layers import wrapper_for
 
     layer_params = in_features * out_features
     rows = []
     for rank in ranks:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"--ranks must be positive whole numbers, got {rank!r}")
-        wrapper = Linear(nn.Linear(in_features, out_features, bias=False, device=torch.device("meta")))
+        wrapper = wrapper_for("layer", nn.Linear(in_features, out_features, bias=False, device=torch.device("meta")))
         wrapper.update_layer("default", r=rank, lora_alpha=rank)
         params = sum(p.numel() for p in wrapper.adapter_parameters("default"))
         rows.append(RankRow(rank, params, 100 * params / layer_params))

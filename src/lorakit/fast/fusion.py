@@ -1,38 +1,39 @@
-"""Block-level fast paths for Llama-style decoders (Llama, Mistral, Qwen2, Qwen3).
+"""Block-level fast paths for decoders whose blocks `arch.FAMILIES` knows (Llama, Mistral, Qwen2/3).
 
 - The MLP as one autograd node: its own forward, down(act(gate(x)) * up(x)), keeps four
   (tokens, intermediate) tensors alive for backward; `kernels.lora_swiglu` keeps two. In
-  inference it skips three module calls per layer, which decoding feels. Every such MLP gets a
-  forward that takes the fused kernel whenever its three projections are on the single-adapter
-  fast path, and the module's own forward otherwise (mixed batches, merged or disabled
-  adapters, dropout in training, DoRA, biases).
+  inference it skips three module calls per layer, which decoding feels. The fused kernel runs
+  whenever the three projections are on the single-adapter fast path; the module's own forward
+  otherwise (mixed batches, merged or disabled adapters, dropout in training, DoRA).
 - q, k and v (those of them with adapters, two or three) as one autograd node in training
   (`kernels.lora_shared_input`): they read the same input, so backward makes one A-gradient
   matmul for all and adds their input gradients up in place. The attention calls q_proj,
   k_proj, v_proj in that order on one tensor; the first call computes the group's outputs and
-  the next ones take theirs.
-- Norm outputs remade in backward (`lorakit.fast.recompute`): q/k/v learn which norm they read, and
+  the next ones take theirs, when the input, its version, the thread and the route are the same.
+- Norm outputs remade in backward (`fast.recompute`): q/k/v learn which norm they read, and
   the fused MLP too.
-`attach` sets these up when adapters are added; `detach` undoes them.
+
+`attach(model)` installs these as instance `forward`s (so state_dict keys, deepcopy and pickling
+are untouched); `detach(model)` removes every one of them and restores the modules' own. The
+LoRA model attaches them when adapters are added, unless it was made with `fuse=False`.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
 from torch import Tensor, nn
 
+from ..arch import block_classes, model_type
+from ..lora.linear import Linear
+from ..lora.routing import current_route
 from . import recompute
-from .kernels import LoraWeightsBias, lora_shared_input, lora_swiglu
-from ..lora.layers import Linear
+from .kernels import Adapted, common_work_dtype, lora_shared_input, lora_swiglu
 
 PARTS = ("gate_proj", "up_proj", "down_proj")
 QKV = ("q_proj", "k_proj", "v_proj")
-# model type -> its transformers MLP class, whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
-SWIGLU_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
-# ... and their decoder blocks: input_layernorm -> self_attn (q/k/v), post_attention_layernorm -> mlp
-DECODER_LAYERS = {name.removesuffix("MLP") + "DecoderLayer" for name in SWIGLU_MLPS.values()}
 _MLP_NORM = "_lorakit_input_norm"
 
 
@@ -40,38 +41,31 @@ def _is_silu(module: nn.Module) -> bool:
     return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
 
 
+def _fast_ops(layers, x: Tensor) -> list[Adapted] | None:
+    """Each layer's fast-path op for input x, when all have one and their bases share a compute
+    dtype; None when any layer needs its general path."""
+    plans = [layer.call_plan() for layer in layers]
+    if any(p is None for p in plans):
+        return None
+    ops = [p.adapted() for p in plans]
+    if ops[0].A.dtype != ops[0].B.dtype or common_work_dtype(ops) is None:
+        return None
+    return ops
+
+
 class FusedSwiGLU:
-    """Stands in for an MLP's `forward` (an instance attribute, so deepcopy and pickling keep working)."""
+    """Stands in for an MLP's `forward`."""
 
     def __init__(self, mlp: nn.Module, norm: nn.Module | None = None) -> None:
         self.mlp = mlp
-        self.norm = norm  # the norm whose output the MLP reads (lorakit.fast.recompute)
+        self.norm = norm  # the norm whose output the MLP reads (fast.recompute)
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
-        parts = self._fast_parts(x) if not args and not kwargs else None
-        if parts is None:
-            return type(self.mlp).forward(self.mlp, x, *args, **kwargs)
-        return lora_swiglu(x, *parts, *recompute.source(self.norm, x))
-
-    def _fast_parts(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, float]] | None:
-        parts = [_fast_weights(getattr(self.mlp, attr), x) for attr in PARTS]
-        if any(p is None or p[1] is not None for p in parts):  # no biases in the fused kernel
-            return None
-        return [(W, A, B, s) for W, _, A, B, s in parts]
-
-
-def _fast_weights(layer: nn.Module, x: Tensor) -> LoraWeightsBias | None:
-    """(W, bias, A, B, scaling) of the one adapter `layer` runs for input x on the fast path, with
-    frozen base weights in x's dtype; None when the layer needs its general path."""
-    parts = layer.fast_weights() if isinstance(layer, Linear) and not layer.fan_in_fan_out else None
-    if parts is None:
-        return None
-    W, bias, A, B, _ = parts
-    if W.requires_grad or W.dtype != x.dtype or A.dtype != B.dtype:
-        return None
-    if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
-        return None
-    return parts
+        mlp = self.mlp
+        ops = None if args or kwargs else _fast_ops([getattr(mlp, p) for p in PARTS], x)
+        if ops is None or any(op.base.bias is not None for op in ops):  # no biases in the fused kernel
+            return type(mlp).forward(mlp, x, *args, **kwargs)
+        return lora_swiglu(x, *ops, keep=recompute.source(self.norm, x))
 
 
 class SharedInput:
@@ -84,7 +78,7 @@ class SharedInput:
 
         def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
             group = self.group
-            if group._waiting is None and (self.index or not torch.is_grad_enabled()):  # inference: no detour
+            if not group._waiting and (self.index or not torch.is_grad_enabled()):  # inference: no detour
                 layer = group.layers[self.index]
                 return type(layer).forward(layer, x, *args, **kwargs)
             return group.call(self.index, x, *args, **kwargs)
@@ -92,52 +86,58 @@ class SharedInput:
     def __init__(self, layers: tuple[Linear, ...], norm: nn.Module | None) -> None:
         self.layers = layers
         self.norm = norm
-        self._waiting: tuple | None = None  # (weakref to the input, its version, outputs not yet taken)
+        # per thread: (weakref to the input, its version, the route, outputs not yet taken)
+        self._waiting: dict[int, tuple] = {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_waiting": None}
+        return {**self.__dict__, "_waiting": {}}
 
     def call(self, index: int, x: Tensor, *args, **kwargs) -> Tensor:
-        layer = self.layers[index]
+        layer, thread = self.layers[index], threading.get_ident()
+        waiting = self._waiting.pop(thread, None)
         if args or kwargs:
-            self._waiting = None
+            pass
         elif index == 0:
-            self._waiting = None
-            parts = self._fast_parts(x)
-            if parts is not None:
-                outs = list(lora_shared_input(x, parts, *recompute.source(self.norm, x)))
+            ops = self._fast_ops(x)
+            if ops is not None:
+                outs = list(lora_shared_input(x, ops, keep=recompute.source(self.norm, x)))
                 first, outs[0] = outs[0], None
-                self._waiting = (weakref.ref(x), x._version, outs)
+                self._waiting[thread] = (weakref.ref(x), x._version, current_route(), outs)
                 return first
-        elif self._waiting is not None:
-            ref, version, outs = self._waiting
+        elif waiting is not None:
+            ref, version, route, outs = waiting
             out, outs[index] = outs[index], None
-            if all(o is None for o in outs):
-                self._waiting = None
-            if out is not None and ref() is x and x._version == version:
+            same = ref() is x and x._version == version and current_route() is route
+            if same and any(o is not None for o in outs):
+                self._waiting[thread] = waiting
+            if out is not None and same:
                 return out
-            self._waiting = None
+            self._waiting.pop(thread, None)
         return type(layer).forward(layer, x, *args, **kwargs)
 
-    def _fast_parts(self, x: Tensor) -> list[tuple] | None:
+    def _fast_ops(self, x: Tensor) -> list[Adapted] | None:
         if not torch.is_grad_enabled():
             return None
-        parts = [_fast_weights(layer, x) for layer in self.layers]
-        if any(p is None for p in parts):
+        ops = _fast_ops(self.layers, x)
+        if ops is None:
             return None
-        trains = x.requires_grad or any(t.requires_grad for p in parts for t in p[2:4])
-        return parts if trains else None
+        trains = x.requires_grad or any(t.requires_grad for op in ops for t in (op.A, op.B))
+        return ops if trains else None
 
 
 def attach(model: nn.Module) -> None:
-    """Fuse every SwiGLU MLP whose projections all carry adapters; in each decoder block, let the
-    adapted projections that read a norm's output remake it in backward (lorakit.fast.recompute)."""
+    """Fuse every known SwiGLU MLP whose projections all carry adapters; in each known decoder
+    block, group the adapted q/k/v and let the layers reading a norm's output remake it in backward."""
+    classes = block_classes(model_type(model) or "")
+    if classes is None:
+        return
+    decoder_cls, mlp_cls = classes
     for module in model.modules():
-        if type(module).__name__ in DECODER_LAYERS:
+        if type(module) is decoder_cls:
             _link_norms(module)
             _share_attention_input(module)
     for module in model.modules():
-        if type(module).__name__ not in SWIGLU_MLPS.values() or isinstance(module.__dict__.get("forward"), FusedSwiGLU):
+        if type(module) is not mlp_cls or isinstance(module.__dict__.get("forward"), FusedSwiGLU):
             continue
         if all(isinstance(getattr(module, p, None), Linear) for p in PARTS) and _is_silu(module.act_fn):
             module.forward = FusedSwiGLU(module, module.__dict__.get(_MLP_NORM))
@@ -146,7 +146,7 @@ def attach(model: nn.Module) -> None:
 def _link_norms(block: nn.Module) -> None:
     """input_layernorm -> q/k/v of self_attn; post_attention_layernorm -> the MLP."""
     attn, mlp = block.self_attn, block.mlp
-    for attr in ("q_proj", "k_proj", "v_proj"):
+    for attr in QKV:
         layer = getattr(attn, attr, None)
         if isinstance(layer, Linear):
             recompute.tap(block.input_layernorm)
@@ -159,9 +159,7 @@ def _link_norms(block: nn.Module) -> None:
 def _share_attention_input(block: nn.Module) -> None:
     """Group the adapted ones among q/k/v (two or three: PEFT's default for Llama is q and v)."""
     layers = tuple(layer for attr in QKV if isinstance(layer := getattr(block.self_attn, attr, None), Linear))
-    if len(layers) < 2:
-        return
-    if any(isinstance(layer.__dict__.get("forward"), SharedInput.Member) for layer in layers):
+    if len(layers) < 2 or any(isinstance(layer.__dict__.get("forward"), SharedInput.Member) for layer in layers):
         return
     group = SharedInput(layers, block.input_layernorm)
     for index, layer in enumerate(layers):
@@ -169,6 +167,7 @@ def _share_attention_input(block: nn.Module) -> None:
 
 
 def detach(model: nn.Module) -> None:
+    """Remove everything `attach` installed; every module runs its own forward again."""
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), (FusedSwiGLU, SharedInput.Member)):
             del module.forward
@@ -176,3 +175,7 @@ def detach(model: nn.Module) -> None:
         if isinstance(module, Linear):
             module.__dict__["input_norm"] = None
         recompute.untap(module)
+
+
+def attached(model: nn.Module) -> bool:
+    return any(isinstance(m.__dict__.get("forward"), (FusedSwiGLU, SharedInput.Member)) for m in model.modules())

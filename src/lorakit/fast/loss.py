@@ -1,5 +1,10 @@
 """The causal-LM training loss, computed without materialising the full logits when possible.
 
+`linear_cross_entropy` is the loss of a linear head without ever holding the (tokens, vocab)
+logits: chunk by chunk it computes the loss and, already in forward, the gradient for the hidden
+states, so backward is a multiplication. Positions without a label (prompt, padding) never
+reach the head.
+
 `causal_lm_loss` returns the *sum* of token losses and the number of target tokens, so that a
 step can divide by the tokens of the whole optimizer step (grad accumulation, several ranks)
 and get the same number however the batch is split. The count is a tensor on the labels'
@@ -14,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import linear_cross_entropy
+from ..arch import family
+from ..bases.compute import product_dtype
+from .precision import frozen_level, products
 
 IGNORE = -100
-# Model types whose logits are exactly `hidden @ lm_head.weight^T` (no soft-capping or scaling).
-_PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2"}
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, object]:
@@ -32,8 +37,8 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, object]:
 
 def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder body, plain linear head) when the fused loss applies, else None."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
+    kind = family(model)
+    if kind is None or not kind.plain_head:
         return None
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -58,3 +63,70 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 256)
         logits = inner(**inputs, use_cache=False).logits[:, :-1]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
     return loss, n_tokens
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, level: str) -> Tensor:
+        # hidden (tokens, dim), weight (vocab, dim), labels (tokens,): every label a class index
+        work = product_dtype(weight.dtype, weight.device)  # 16-bit heads multiply in fp32 where emulated
+        w = weight.detach().to(work)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        # One logits buffer for every chunk, worked on in place: a (chunk, vocab) tensor is above
+        # malloc's mmap threshold, so each fresh one would be mapped and page-faulted in anew.
+        buffer = hidden.new_empty((min(chunk, hidden.shape[0]), weight.shape[0]), dtype=work)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(work)
+            y = labels[start : start + chunk]
+            rows = torch.arange(len(y), device=y.device)
+            with products(level):
+                logits = torch.mm(h, w.t(), out=buffer[: len(h)]).float()  # (chunk, vocab)
+            target = logits[rows, y]
+            # log-sum-exp by hand, so that exp(logits - max) is computed once, in place, and is
+            # also the softmax the gradient needs
+            peak = logits.amax(dim=1, keepdim=True)
+            exps = logits.sub_(peak).exp_()
+            sums = exps.sum(dim=1, keepdim=True)
+            total += (peak.squeeze(1) + sums.log().squeeze(1) - target).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            probs = exps.div_(sums)  # d loss / d logits = softmax - onehot
+            probs[rows, y] -= 1
+            probs = probs.to(work)
+            if grad_hidden is not None:
+                with products(level):
+                    grad_hidden[start : start + chunk] = probs @ w
+            if grad_weight is not None:
+                grad_weight += (probs.t() @ h).float()
+            del logits, exps, probs
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 1024) -> Tensor:
+    """Sum over non-ignored tokens of cross-entropy(hidden @ weight^T, labels), logits never held whole.
+
+    hidden (..., dim) and labels (...) are already aligned (shifted) by the caller. Only the
+    positions with a label go through the head: in instruction tuning the prompt's tokens (and any
+    padding) are ignored, and the head's (tokens, vocab) products are a fifth of a small model's
+    step. Finding them costs one device synchronisation on a GPU.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    scored = (labels != -100).nonzero().squeeze(1)
+    if len(scored) < len(labels):  # the kernel sees class indices only
+        hidden, labels = hidden.index_select(0, scored), labels.index_select(0, scored)
+    # reduced products only in training (evaluation compares runs: keep it exact)
+    trains = hidden.requires_grad and torch.is_grad_enabled() and not weight.requires_grad
+    level = frozen_level(product_dtype(weight.dtype, weight.device)) if trains else "highest"
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, level)

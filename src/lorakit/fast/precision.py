@@ -46,13 +46,11 @@ def frozen_matmul_precision(level: str) -> Iterator[None]:
         _level.reset(token)
 
 
-def frozen_level(*weights: torch.Tensor) -> str:
-    """The level for products with `weights` in a node whose forward runs now: reduced only when all
-    are frozen fp32 weights (the setting concerns fp32 products; trained weights keep exact ones)."""
+def frozen_level(work: torch.dtype | None) -> str:
+    """The level for frozen-weight products computed in `work` in a node whose forward runs now:
+    reduced only for fp32 products (the setting concerns fp32; 16-bit products are already low)."""
     level = _level.get()
-    if level == "highest" or any(w.requires_grad or w.dtype != torch.float32 for w in weights):
-        return "highest"
-    return level
+    return level if work == torch.float32 else "highest"
 
 
 _EXACT = nullcontext()

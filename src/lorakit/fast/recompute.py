@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 _IO = "_lorakit_io"  # on a tapped norm: [weakref to output, its version, weakref to input, weakref to Remake]
 _HOOK = "_lorakit_tap"
+
+
+class Kept(NamedTuple):
+    """What a kernel keeps for backward instead of its input x: x == remake(source)."""
+
+    remake: Callable[[Tensor], Tensor]
+    source: Tensor
 
 
 class Remake:
@@ -58,20 +66,20 @@ def untap(norm: nn.Module) -> None:
     norm.__dict__.pop(_IO, None)
 
 
-def source(norm: nn.Module | None, x: Tensor) -> tuple[Callable[[Tensor], Tensor] | None, Tensor | None]:
-    """(remake, input) such that remake(input) is x, when x is `norm`'s last output and gradients
-    are on; else (None, None)."""
+def source(norm: nn.Module | None, x: Tensor) -> Kept | None:
+    """Kept(remake, input) such that remake(input) is x, when x is `norm`'s last output and
+    gradients are on; else None."""
     io = norm.__dict__.get(_IO) if norm is not None and torch.is_grad_enabled() else None
     if io is None:
-        return None, None
+        return None
     out_ref, version, in_ref, remake_ref = io
     h = in_ref()
     if out_ref() is not x or x._version != version or h is None:
-        return None, None
+        return None
     # one Remake for all readers of this output, alive only as long as their backward needs it
     remake = remake_ref() if remake_ref is not None else None
     if remake is None:
         remake = Remake(norm)
         io[3] = weakref.ref(remake)
     remake.takers += 1
-    return remake, h
+    return Kept(remake, h)

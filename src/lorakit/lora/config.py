@@ -17,27 +17,6 @@ from typing import Any, Literal, Union
 
 CONFIG_NAME = "adapter_config.json"
 
-# Default targets when `target_modules` is None, by `model.config.model_type`.
-# Values as published in PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bert": ["query", "value"],
-    "t5": ["q", "v"],
-}
-
 Targets = Union[list[str], set[str], str, None]
 
 # Keys PEFT writes that carry no meaning for plain LoRA at these values, or are metadata.

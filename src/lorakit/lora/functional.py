@@ -30,12 +30,20 @@ def embedding_delta_weight(A: Tensor, B: Tensor, scaling: float) -> Tensor:
     return (B @ A).T * scaling
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit weights, else their own dtype: a merge adds wide and rounds once."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def merge(weight: Tensor, delta: Tensor) -> Tensor:
-    return weight + delta.to(weight.dtype)
+    """W + dW, added in fp32 (or wider) and cast back to W's dtype once."""
+    wide = _wide(weight.dtype)
+    return (weight.to(wide) + delta.to(wide)).to(weight.dtype)
 
 
 def unmerge(weight: Tensor, delta: Tensor) -> Tensor:
-    return weight - delta.to(weight.dtype)
+    wide = _wide(weight.dtype)
+    return (weight.to(wide) - delta.to(wide)).to(weight.dtype)
 
 
 def dora_weight_norm(weight: Tensor, delta: Tensor) -> Tensor:

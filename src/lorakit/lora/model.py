@@ -13,8 +13,8 @@ from . import functional as LF
 from ..fast import fusion
 from .config import LoraConfig
 from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper, wrapper_for
-from .routing import disabled
-from .targeting import find_targets, is_saved_module
+from .routing import BASE, disabled
+from .targeting import find_targets, saved_module_names
 
 OWNER_ATTR = "_lorakit_owner"  # set on the base model so a second wrap finds the first
 
@@ -22,7 +22,8 @@ OWNER_ATTR = "_lorakit_owner"  # set on the base model so a second wrap finds th
 class LoraModel(nn.Module):
     """Holds the base model (`self.model`, modified in place) and the configs of its adapters."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, fuse: bool = True) -> None:
         super().__init__()
         if getattr(model, OWNER_ATTR, None) is not None:
             raise ValueError("this model already carries lorakit adapters; add more with add_adapter/load_adapter")
@@ -30,6 +31,8 @@ class LoraModel(nn.Module):
         self.training = model.training
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
+        self.autocast_adapter_dtype = autocast_adapter_dtype  # False: adapters in the base's dtype
+        self.fuse = fuse  # False: no block fusions (fast.fusion), each layer runs on its own
         model.__dict__[OWNER_ATTR] = self  # a plain attribute: not a submodule, no cycle in the module tree
         if config is not None:
             self.add_adapter(adapter_name, config)
@@ -57,8 +60,8 @@ class LoraModel(nn.Module):
         """Put a new adapter on every module `config` targets (inactive until `set_adapter`)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
-        if adapter_name == "__base__":
-            raise ValueError("'__base__' is reserved for 'no adapter' in mixed batches")
+        if adapter_name == BASE:
+            raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches")
         config = copy.deepcopy(config)
         targets = find_targets(self.model, config)
         for p in self.model.parameters():
@@ -66,7 +69,7 @@ class LoraModel(nn.Module):
         for name in targets:
             layer = self.model.get_submodule(name)
             if not isinstance(layer, LoraLayer):
-                layer = wrapper_for(layer)
+                layer = wrapper_for(name, layer)
                 self.model.set_submodule(name, layer)
             layer.update_layer(
                 adapter_name,
@@ -77,6 +80,7 @@ class LoraModel(nn.Module):
                 use_rslora=config.use_rslora,
                 use_dora=config.use_dora,
                 lora_bias=config.lora_bias,
+                autocast_adapter_dtype=self.autocast_adapter_dtype,
             )
         self._add_saved_modules(adapter_name, config)
         for name in targets:  # new dropout modules follow the model's train/eval mode
@@ -86,16 +90,13 @@ class LoraModel(nn.Module):
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
         self.peft_config[adapter_name] = config
         self._update_trainable()
-        fusion.attach(self.model)
+        if self.fuse:
+            fusion.attach(self.model)
 
     def _add_saved_modules(self, adapter_name: str, config: LoraConfig) -> None:
         if not config.modules_to_save:
             return
-        names = [
-            n for n, m in self.model.named_modules()
-            if n and n.rsplit(".", 1)[-1] in config.modules_to_save or (n and n in config.modules_to_save)
-        ]
-        names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+        names = saved_module_names(self.model, config)
         if not names:
             raise ValueError(f"modules_to_save {config.modules_to_save} matched no module of the model")
         for name in names:

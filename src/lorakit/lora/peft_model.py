@@ -24,9 +24,10 @@ from .routing import BASE, current_route, per_row_adapters, use_adapters
 class PeftModel(nn.Module):
     """The base model with LoRA adapters; `forward`, `generate` and attributes pass through."""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, fuse: bool = True) -> None:
         super().__init__()
-        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype, fuse)
         self.training = model.training
         self._adapters = [adapter_name]  # what this handle runs
         self._owned = [adapter_name]  # what this handle saves; the first goes at the root
@@ -207,6 +208,7 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
         **_: Any,
     ) -> "PeftModel":
         """Load an adapter directory onto `model`.
@@ -220,7 +222,7 @@ class PeftModel(nn.Module):
             model = model.base_model.model
         owner = owner_of(model)
         if owner is None:
-            owner = LoraModel(model)
+            owner = LoraModel(model, autocast_adapter_dtype=autocast_adapter_dtype)
         name = adapter_name if adapter_name not in owner.peft_config else _fresh_name(owner, model_id)
         _load_into(owner, model_id, name, is_trainable, config)
         if not owner.active_adapters:
@@ -229,11 +231,17 @@ class PeftModel(nn.Module):
         return handle
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
-    """Freeze `model`, add a trainable LoRA adapter, and return the PeftModel handle."""
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, *, fuse: bool = True, **_: Any) -> PeftModel:
+    """Freeze `model`, add a trainable LoRA adapter, and return the PeftModel handle.
+
+    PEFT's arguments: adapters live in fp32 beside a 16-bit base unless `autocast_adapter_dtype=False`
+    (then in the base's dtype). lorakit's own: `fuse=False` keeps every layer on its own forward
+    (no block fusions, `fast.fusion`).
+    """
     if isinstance(model, PeftModel) or owner_of(model) is not None:
         raise ValueError("this model already carries lorakit adapters; use add_adapter() on its PeftModel")
-    return PeftModel(model, peft_config, adapter_name)
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype, fuse)
 
 
 def _load_into(
@@ -272,7 +280,7 @@ def _detached_copy(lora_model: LoraModel) -> LoraModel:
         model_copy = copy.deepcopy(lora_model.model)
     finally:
         lora_model.model.__dict__[OWNER_ATTR] = owner_backup
-    clone = LoraModel(model_copy)
+    clone = LoraModel(model_copy, autocast_adapter_dtype=lora_model.autocast_adapter_dtype, fuse=lora_model.fuse)
     clone.peft_config = {k: v for k, v in lora_model.peft_config.items()}
     clone.active_adapters = list(lora_model.active_adapters)
     return clone

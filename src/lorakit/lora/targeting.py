@@ -6,9 +6,11 @@ import re
 
 from torch import nn
 
-from .config import DEFAULT_TARGETS, LoraConfig
+from .. import bases
+from ..arch import DEFAULT_TARGETS
+from .config import LoraConfig
 from .layers import Linear as LoraLinear
-from .layers import LoraLayer, ModulesToSaveWrapper, is_adaptable
+from .layers import LoraLayer, ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
 
@@ -44,7 +46,22 @@ def _in_layers(config: LoraConfig, name: str) -> bool:
 
 
 def is_saved_module(config: LoraConfig, name: str) -> bool:
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or [])
+    """Is module `name` one that `modules_to_save` names, or inside one? (PEFT's rule: an entry
+    matches the whole name or its dotted suffix, as a list of target_modules does.)"""
+    if not config.modules_to_save:
+        return False
+    spec = set(config.modules_to_save)
+    parts = name.split(".")
+    return any(_matches(spec, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The outermost modules `modules_to_save` names, in model order."""
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if name and not any(name.startswith(o + ".") for o in found) and is_saved_module(config, name):
+            found.append(name)
+    return found
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> set[str] | str:
@@ -65,7 +82,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> set[str] | str:
             for name, module in model.named_modules()
             if name not in head
             and not _inside_lora_internals(name)
-            and (isinstance(module, LoraLinear) or (is_adaptable(module) and not isinstance(module, nn.Embedding)))
+            and (isinstance(module, LoraLinear) or bases.is_linear(module))
         }
         # keep the head out even if it shares a suffix with a body layer
         return names - {h.rsplit(".", 1)[-1] for h in head} or names
@@ -97,11 +114,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if not _matches(targets, name) or not _in_layers(config, name):
             continue
-        if not (is_adaptable(module) or isinstance(module, LoraLayer)):
-            raise TypeError(
-                f"target {name!r} is a {type(module).__name__}; LoRA supports torch.nn.Linear, "
-                "torch.nn.Embedding and transformers' Conv1D"
-            )
+        if not isinstance(module, LoraLayer):
+            bases.check_adaptable(name, module)
         found.append(name)
     if not found:
         raise ValueError(
@@ -123,7 +137,7 @@ def adaptable_names(model: nn.Module) -> list[str]:
     names = [
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
-        if name and (is_adaptable(module) or isinstance(module, LoraLayer)) and not _inside_lora_internals(name)
+        if name and (bases.is_adaptable(module) or isinstance(module, LoraLayer)) and not _inside_lora_internals(name)
     ]
     return list(dict.fromkeys(names))
 

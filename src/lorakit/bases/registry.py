@@ -1,0 +1,65 @@
+"""Which module types LoRA can wrap, and the FrozenBase each linear kind gets: the one place that
+checks base-layer types.
+
+Linear kinds are tried in registration order, most specific first (a 4-bit layer that subclasses
+nn.Linear registers before the dense one). Embeddings are adapted by lookup, not by a product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .conv1d import Conv1DBase, conv1d_type
+from .dense import DenseLinear
+from .protocol import FrozenBase
+
+# (what it is called in messages, the module type or a function giving it, the FrozenBase factory)
+_LINEAR: list[tuple[str, Callable[[], type | None], Callable[[nn.Module], FrozenBase]]] = []
+
+
+def register(label: str, module_type: type | Callable[[], type | None],
+             factory: Callable[[nn.Module], FrozenBase], *, first: bool = False) -> None:
+    """Make modules of `module_type` adaptable; `factory(module)` gives their FrozenBase."""
+    get = module_type if not isinstance(module_type, type) else (lambda: module_type)
+    entry = (label, get, factory)
+    _LINEAR.insert(0, entry) if first else _LINEAR.append(entry)
+
+
+register("torch.nn.Linear", nn.Linear, DenseLinear)
+register("transformers' Conv1D", conv1d_type, Conv1DBase)
+
+
+def frozen_base(module: nn.Module) -> FrozenBase | None:
+    """The FrozenBase for a linear module, or None when it is no linear kind LoRA knows."""
+    for _, get, factory in _LINEAR:
+        kind = get()
+        if kind is not None and isinstance(module, kind):
+            return factory(module)
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    return any((kind := get()) is not None and isinstance(module, kind) for _, get, _ in _LINEAR)
+
+
+def is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return is_linear(module) or is_embedding(module)
+
+
+def adaptable_types() -> list[str]:
+    return [label for label, get, _ in _LINEAR if get() is not None] + ["torch.nn.Embedding"]
+
+
+def check_adaptable(name: str, module: nn.Module) -> None:
+    """TypeError naming the module and its type unless LoRA can wrap it."""
+    if not is_adaptable(module):
+        raise TypeError(
+            f"cannot adapt module {name!r} of type {type(module).__name__}; "
+            f"adaptable types are {', '.join(adaptable_types())}"
+        )
