@@ -23,7 +23,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from lorakit.demo.run import demo_train_config, evaluate, find_data_dir, read_heldout
-    from lorakit.generation import load_for_inference
+    from lorakit.models.inference import load_for_inference
     from lorakit.train import train
 
     data = find_data_dir()

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.generation import quiet_loading
+    from lorakit.models.inference import quiet_loading
     from lorakit.train import load_train_config, train
 
     config_path, overrides = split_items(args.items)

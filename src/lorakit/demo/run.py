@@ -91,7 +91,7 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Evaluate, fine-tune, evaluate again; the adapter is left in `output_dir` (replaced each run)."""
-    from ..generation import load_for_inference, quiet_loading
+    from ..models.inference import load_for_inference, quiet_loading
     from ..lora.peft_model import PeftModel
     from ..train import train
 

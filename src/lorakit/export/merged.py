@@ -33,7 +33,7 @@ def merge_adapter_to_dir(
     """
     import torch
 
-    from ..generation import load_for_inference
+    from ..models.inference import load_for_inference
 
     out = Path(out_dir).expanduser().absolute()
     _check_output_dir(out, overwrite)
@@ -85,7 +85,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     Counts come from the weight file's tensors (shapes only, nothing is loaded for safetensors),
     so they describe the file as it is, whatever its config claims.
     """
-    from ..generation import check_adapter_dir
+    from ..models.inference import check_adapter_dir
 
     directory = Path(path)
     check_adapter_dir(directory)
