@@ -3,7 +3,14 @@
 from .cache import build_dir_once, cache_dir
 from .embedded import BUILTIN_MODELS, BuiltinModel, builtin_gguf_path
 from .gguf import convert_gguf, converted_gguf_dir
-from .inference import DEFAULT_MODEL, base_model_of, check_adapter_dir, load_for_inference, model_is_available, quiet_loading
+from .inference import (
+    DEFAULT_MODEL,
+    base_model_of,
+    check_adapter_dir,
+    load_for_inference,
+    model_is_available,
+    quiet_loading,
+)
 from .load import load_model, pick_device, pick_dtype, resolve_model_path
 from .tokens import ensure_pad_token
 
