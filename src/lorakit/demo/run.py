@@ -94,8 +94,8 @@ def run_demo(
 
     `model` and `max_steps` default to the recipe's.
     """
-    from ..models.inference import load_for_inference, quiet_loading
     from ..lora.peft_model import PeftModel
+    from ..models.inference import load_for_inference, quiet_loading
     from ..train import train
 
     data = find_data_dir(data_dir)
