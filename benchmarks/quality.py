@@ -1,8 +1,8 @@
 """LoRA against full fine-tuning on the demo task, with the same data and number of steps.
 
-Trains the demo recipe twice through the trainer (LoRA as in `DEMO_RECIPE`; full fine-tuning
-with the same steps, batch and schedule, at a learning rate suited to updating every weight),
-scores both on the held-out split and prints both scores and their ratio.
+Trains the demo recipe (`examples/demo/recipe.yaml`) twice through the trainer: LoRA as written;
+full fine-tuning with the same steps, batch and schedule, at a learning rate suited to updating
+every weight. Scores both on the held-out split and prints both scores and their ratio.
 
     python benchmarks/quality.py [--full-lr 5e-5] [--max-steps N]
 """
@@ -23,7 +23,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from lorakit.demo.run import demo_train_config, evaluate, find_data_dir, read_heldout
-    from lorakit.generation import load_for_inference
+    from lorakit.models.inference import load_for_inference
     from lorakit.train import train
 
     data = find_data_dir()
@@ -31,7 +31,7 @@ def main() -> int:
     _, tokenizer = load_for_inference("smollm2-135m", [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        lora = demo_train_config(data / "train.jsonl", Path(tmp) / "lora", "smollm2-135m", args.max_steps, quiet=True)
+        lora = demo_train_config(data, Path(tmp) / "lora", max_steps=args.max_steps, quiet=True)
         full = dataclasses.replace(lora, method="full", lr=args.full_lr, output_dir=str(Path(tmp) / "full"))
         for label, config in (("LoRA", lora), ("full fine-tuning", full)):
             start = time.perf_counter()

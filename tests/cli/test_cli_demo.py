@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from lorakit import cli
 from lorakit.demo.run import DemoResult, demo_train_config, find_data_dir, format_report, read_heldout, run_demo
-from lorakit.demo.task import DEMO_RECIPE
+from lorakit.train import load_train_config
+from lorakit.train.config import SEVEN_PROJECTIONS
 
 REPO_DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 
@@ -29,21 +32,32 @@ def test_missing_data_dir_says_what_to_pass(tmp_path, capsys):
     assert err.count("\n") == 1 and "train.jsonl and heldout.jsonl" in err and str(tmp_path) in err
 
 
-def test_recipe_becomes_the_train_config(tmp_path):
-    config = demo_train_config(REPO_DEMO / "train.jsonl", tmp_path / "out", "smollm2-135m")
-    recipe = DEMO_RECIPE
-    assert (config.r, config.lora_alpha, config.lora_dropout) == (recipe["r"], recipe["alpha"], recipe["dropout"])
-    assert config.target_modules == recipe["target_modules"]
-    assert (config.lr, config.weight_decay, config.scheduler) == (recipe["lr"], recipe["weight_decay"],
-                                                                  recipe["schedule"])
-    assert (config.batch_size, config.max_steps, config.max_seq_len) == (
-        recipe["batch_size"], recipe["steps"], recipe["max_seq_len"])
-    assert (config.warmup_steps, config.seed, config.train_on_prompt) == (recipe["warmup_steps"], recipe["seed"], False)
+def test_recipe_keeps_the_demos_hyper_parameters(tmp_path):
+    config = demo_train_config(REPO_DEMO, tmp_path / "out")
+    assert (config.model, config.r, config.lora_alpha, config.lora_dropout) == ("smollm2-135m", 16, 32.0, 0.0)
+    assert config.target_modules == SEVEN_PROJECTIONS and config.method == "lora"
+    assert (config.lr, config.weight_decay, config.scheduler, config.warmup_steps) == (1e-3, 0.0, "cosine", 6)
+    assert (config.batch_size, config.max_steps, config.epochs, config.max_seq_len) == (8, 60, 1, 96)
+    assert (config.seed, config.train_on_prompt) == (0, False)
     assert config.overwrite and config.output_dir == str(tmp_path / "out")
+    assert config.data == str(REPO_DEMO / "train.jsonl")
+
+
+def test_recipe_is_what_lorakit_train_runs(tmp_path):
+    trained = load_train_config(REPO_DEMO / "recipe.yaml")  # `lorakit train examples/demo/recipe.yaml`
+    assert (REPO_DEMO.parents[1] / trained.data).resolve() == (REPO_DEMO / "train.jsonl").resolve()
+    demo = demo_train_config(REPO_DEMO, trained.output_dir)
+    assert demo == dataclasses.replace(trained, data=demo.data, overwrite=True)
+
+
+def test_shorter_run_keeps_its_warmup_within_it(tmp_path):
+    config = demo_train_config(REPO_DEMO, tmp_path, model="other", max_steps=2, quiet=True)
+    assert (config.model, config.max_steps, config.warmup_steps, config.quiet) == ("other", 2, 2, True)
 
 
 def tiny_task(directory: Path) -> Path:
     directory.mkdir()
+    shutil.copy(REPO_DEMO / "recipe.yaml", directory)
     rows = [("book a table for two", '{"guests":2}'), ("book a table for four", '{"guests":4}'),
             ("hello world", '{"guests":7}')]
     lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})

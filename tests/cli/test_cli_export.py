@@ -1,4 +1,4 @@
-"""`lorakit merge` / `lorakit inspect` and lorakit.export.merged, checked against transformers and the engine."""
+"""`lorakit merge` / `lorakit inspect` and lorakit.export, checked against transformers and the engine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import LoraConfig, PeftModel, cli, get_peft_model
-from lorakit.export.merged import inspect_adapter, merge_adapter_to_dir
+from lorakit.export import inspect_adapter, merge_adapter_to_dir
 from lorakit.lora.layers import LoraLayer
 
 IDS = torch.tensor([[2, 3, 9, 10, 11, 12, 13, 4, 6], [2, 3, 14, 15, 16, 7, 8, 4, 6]])

@@ -1,4 +1,4 @@
-"""`lorakit generate` / `lorakit chat` and lorakit.generation, on a tiny random Llama saved to disk."""
+"""`lorakit generate` / `lorakit chat`, lorakit.generation and models.inference, on a tiny random Llama saved to disk."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import PeftModel, cli
-from lorakit.generation import adapter_names_for, generate, load_for_inference
+from lorakit.generation import generate
+from lorakit.models.inference import load_for_inference
 
 PROMPTS = ["hello", "book a table for two at seven pm please", "friday"]
 
@@ -126,11 +127,6 @@ def test_without_a_chat_template_prompts_are_raw_text(tiny_dir, base):
         model, base[1], ["friday"], max_new_tokens=4, chat=False)
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
         generate(model, plain, [[{"role": "user", "content": "hello"}]])
-
-
-def test_adapter_names_come_from_folders_or_runs():
-    paths = ["runs/a/adapter", "runs/b/adapter", "x/alpha", "y/alpha", "z/my adapter!"]
-    assert adapter_names_for(paths) == ["a", "b", "alpha", "alpha-2", "my-adapter"]
 
 
 def test_load_for_inference_names_adapters_by_folder(tiny_dir, adapter_dir, adapter_dir_2):

@@ -49,6 +49,17 @@ def test_flags_alone_without_a_file(captured):
     assert (captured[0].data, captured[0].max_steps, captured[0].overwrite) == ("d.jsonl", 7, False)
 
 
+def test_lora_config_fields_are_flags_too(captured, capsys):
+    assert cli.main(["train", "--data", "d.jsonl", "--rank-pattern", "{q_proj: 4}", "--layers-to-transform", "0,1",
+                     "--layers-pattern", "layers", "--exclude-modules", "k_proj,o_proj", "--use-dora",
+                     "--bias", "all"]) == 0
+    lora = captured[0].lora_config()
+    assert (lora.rank_pattern, lora.layers_to_transform, lora.layers_pattern) == ({"q_proj": 4}, [0, 1], "layers")
+    assert (lora.exclude_modules, lora.use_dora, lora.bias) == ({"k_proj", "o_proj"}, True, "all")
+    assert cli.main(["train", "--data", "d.jsonl", "--use-dora", "--lora-bias"]) == 2
+    assert capsys.readouterr().err == "lorakit: error: lora_bias: not supported together with use_dora\n"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.demo.task import DEMO_RECIPE, accuracy, score
+from lorakit.demo.task import accuracy, score
+from lorakit.train import load_train_config
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "examples" / "demo"
 REF = '{"name":"Alice Moreno","guests":4,"day":"Friday","time":"7:30pm"}'
@@ -111,9 +112,9 @@ def test_every_reference_is_well_formed_and_scores_itself():
 
 def test_recipe_fits_the_data():
     make_data = load_make_data()
-    steps, batch = DEMO_RECIPE["steps"], DEMO_RECIPE["batch_size"]
-    assert steps * batch == DEMO_RECIPE["epochs"] * make_data.N_TRAIN
-    assert DEMO_RECIPE["warmup_steps"] < DEMO_RECIPE["steps"]
-    assert set(DEMO_RECIPE["target_modules"]) == {
+    recipe = load_train_config(DEMO_DIR / "recipe.yaml")
+    assert recipe.max_steps * recipe.batch_size == recipe.epochs * make_data.N_TRAIN
+    assert recipe.warmup_steps < recipe.max_steps
+    assert set(recipe.target_modules) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
     }

@@ -1,5 +1,6 @@
 """LoraConfig: validation naming the field, JSON round trip, forward-compatible loading."""
 
+import dataclasses
 import json
 import warnings
 
@@ -26,8 +27,13 @@ from lorakit import LoraConfig
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}(\[.*\])?: ") as err:
         LoraConfig(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_every_field_is_documented():
+    assert all(f.metadata.get("help") for f in dataclasses.fields(LoraConfig))
 
 
 def test_peft_defaults():

@@ -8,7 +8,10 @@ import typing
 import pytest
 
 from lorakit.data import FORMATS
+from lorakit.lora.config import LoraConfig
 from lorakit.train import ConfigError, TrainConfig, load_train_config
+from lorakit.train.config import LORA_KEYS, NOT_IN_RECIPE, SEVEN_PROJECTIONS, field_names
+from lorakit.train.setup import TRAJECTORY
 
 
 @pytest.fixture
@@ -125,3 +128,65 @@ def test_caller_list_is_copied():
     config = TrainConfig(data="x", target_modules=targets)
     targets.append("v_proj")
     assert config.target_modules == ["q_proj"]
+
+
+# -- LoRA options: LoraConfig's fields, under PEFT's names ---------------------------------------
+def test_every_lora_config_field_is_a_recipe_key_or_excluded_with_a_reason():
+    names = set(field_names())
+    for f in dataclasses.fields(LoraConfig):
+        assert (f.name in names) != (f.name in NOT_IN_RECIPE), f.name
+    assert all(NOT_IN_RECIPE.values())
+    assert set(LORA_KEYS) <= set(TRAJECTORY)  # each shapes the run: a resumed run must keep it
+
+
+def test_a_recipe_sets_any_lora_field(tmp_path):
+    path = tmp_path / "lora.yaml"
+    path.write_text(
+        "data: x.jsonl\nexclude_modules: [k_proj]\nrank_pattern: {v_proj: 4}\nalpha_pattern: {v_proj: 8}\n"
+        "modules_to_save: [lm_head]\nlayers_to_transform: [0]\nlayers_pattern: layers\n"
+        "init_lora_weights: gaussian\nuse_rslora: true\nlora_bias: true\nbias: lora_only\nfan_in_fan_out: true\n"
+    )
+    lora = load_train_config(path, ["layers_to_transform=0,1"]).lora_config(task_type="CAUSAL_LM")
+    assert (lora.exclude_modules, lora.rank_pattern, lora.alpha_pattern) == ({"k_proj"}, {"v_proj": 4}, {"v_proj": 8})
+    assert (lora.modules_to_save, lora.layers_to_transform, lora.layers_pattern) == (["lm_head"], [0, 1], "layers")
+    assert (lora.init_lora_weights, lora.use_rslora, lora.lora_bias, lora.bias) == ("gaussian", True, True, "lora_only")
+    assert lora.fan_in_fan_out and lora.task_type == "CAUSAL_LM"
+    assert (lora.r, lora.lora_alpha, lora.target_modules) == (16, 32, set(SEVEN_PROJECTIONS))  # the recipe's defaults
+
+
+@pytest.mark.parametrize("items,field", [
+    (["use_dora=true", "lora_bias=true"], "lora_bias"), (["layers_pattern=layers"], "layers_pattern"),
+    (["rank_pattern={q_proj: 0}"], r"rank_pattern\['q_proj'\]"),
+    (["alpha_pattern={q_proj: -1}"], r"alpha_pattern\['q_proj'\]"),
+    (["rank_pattern=[1]"], "rank_pattern"), (["lora_alpha=0"], "lora_alpha"),
+    (["init_lora_weights=pissa"], "init_lora_weights"), (["exclude_modules=5"], "exclude_modules"),
+    (["layers_to_transform=[0]", "target_modules=.*proj"], "layers_to_transform"),
+])
+def test_lora_errors_are_lora_configs_naming_the_field(recipe, items, field):
+    with pytest.raises(ConfigError, match=rf"^{field}: ") as err:
+        load_train_config(recipe, items)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", sorted(NOT_IN_RECIPE))
+def test_fields_a_recipe_does_not_set_are_unknown_options(recipe, key):
+    with pytest.raises(ConfigError, match=rf"unknown option '{key}'"):
+        load_train_config(recipe, [f"{key}=x"])
+
+
+def test_null_target_modules_is_the_model_types_default(recipe):
+    assert load_train_config(recipe, ["target_modules=null"]).lora_config().target_modules is None
+
+
+def test_the_trained_adapter_has_the_recipes_lora_config():
+    from tinymodels import tiny_llama
+
+    from lorakit.train.setup import prepare_model
+
+    config = TrainConfig(data="x", target_modules=["q_proj", "v_proj", "k_proj"], exclude_modules=["k_proj"],
+                         rank_pattern={"v_proj": 2}, use_rslora=True)
+    model = prepare_model(tiny_llama(), config)
+    assert model.peft_config["default"] == config.lora_config(task_type="CAUSAL_LM",
+                                                               base_model_name_or_path="smollm2-135m")
+    ranks = {n.rsplit(".", 1)[-1]: m.r["default"] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert ranks == {"q_proj": 16, "v_proj": 2}

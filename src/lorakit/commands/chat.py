@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.generation import generate, load_for_inference
+    from lorakit.generation import generate
+    from lorakit.models.inference import load_for_inference
 
     adapters = [args.adapter] if args.adapter else []
     model, tokenizer = load_for_inference(args.model, adapters, dtype=args.dtype, device=args.device)

@@ -9,11 +9,11 @@ HELP = "fine-tune the built-in SmolLM2 on a booking->JSON task and show held-out
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="folder with train.jsonl and heldout.jsonl (default: examples/demo of the "
-                             "lorakit checkout; an installed wheel does not include it)")
+                        help="folder with recipe.yaml, train.jsonl and heldout.jsonl (default: examples/demo "
+                             "of the lorakit checkout; an installed wheel does not include it)")
     parser.add_argument("--output-dir", default="runs/demo", metavar="DIR",
                         help="where the adapter goes; replaced on every run (default: runs/demo)")
-    parser.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
+    parser.add_argument("--model", default=None, help="base model (default: the recipe's, smollm2-135m)")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="stop the fine-tune after N steps (default: the recipe's)")
     parser.add_argument("--frozen-matmul-precision", choices=["highest", "high", "medium"], default="highest",

@@ -56,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.generation import adapter_names_for, generate, load_for_inference
+    from lorakit.generation import generate
+    from lorakit.lora.names import adapter_names_for
     from lorakit.lora.routing import BASE
+    from lorakit.models.inference import load_for_inference
 
     prompts = args.prompt or read_prompts(args.prompt_file)
     model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype, device=args.device)

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.export.merged import inspect_adapter
+    from lorakit.export import inspect_adapter
 
     info = inspect_adapter(args.adapter)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

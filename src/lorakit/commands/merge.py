@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from lorakit.export.merged import merge_adapter_to_dir
+    from lorakit.export import merge_adapter_to_dir
 
     start = time.perf_counter()
     out = merge_adapter_to_dir(args.model, args.adapter, args.output, overwrite=args.overwrite, dtype=args.dtype)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Collection
+
+from lorakit.lora.names import adapter_name_for
 
 HELP = "serve a model and its adapters over an OpenAI-compatible HTTP API"
 
@@ -47,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.serve import AdapterRegistry, Engine, create_app
     from lorakit.serve.server import serving
 
-    adapters = [parse_adapter_spec(spec) for spec in args.adapter]
+    name = args.model_name or args.model
+    adapters: list[tuple[str, str]] = []
+    for spec in args.adapter:
+        adapters.append(parse_adapter_spec(spec, taken=[name, *(n for n, _ in adapters)]))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_port_free(args.host, args.port)
     if args.threads:
@@ -55,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    name = args.model_name or args.model
     registry = AdapterRegistry(model, name, max_adapters=args.max_adapters)
     for adapter_name, path in adapters:
         registry.add(adapter_name, path)
@@ -75,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_adapter_spec(spec: str) -> tuple[str, str]:
-    """'NAME=PATH' -> (NAME, PATH); a bare PATH is named after its directory."""
+def parse_adapter_spec(spec: str, taken: Collection[str] = ()) -> tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); a bare PATH is named after its directory, apart from `taken`."""
     name, sep, path = spec.partition("=")
     if not sep:
         path = spec
-        name = os.path.basename(os.path.normpath(spec))
+        name = adapter_name_for(spec, taken)
     if not name or not path:
         raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
     if not os.path.isdir(path):

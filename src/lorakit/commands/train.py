@@ -22,13 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a YAML config file (optional, first), then overrides such as lr=2e-4 "
              "target_modules=[q_proj,v_proj]; the options below may be given either way",
     )
-    from lorakit.train import TrainConfig
+    from lorakit.train.config import LORA_KEYS, LoraOptions, TrainConfig
 
-    add_dataclass_flags(parser, TrainConfig, title="training options (override the config file)")
+    add_dataclass_flags(parser, TrainConfig, exclude=set(LORA_KEYS),
+                        title="training options (override the config file)")
+    add_dataclass_flags(parser, LoraOptions, title="LoRA options (LoraConfig's fields, PEFT's names)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.generation import quiet_loading
+    from lorakit.models.inference import quiet_loading
     from lorakit.train import load_train_config, train
 
     config_path, overrides = split_items(args.items)

@@ -1,15 +1,16 @@
 """`make demo`: fine-tune the built-in SmolLM2 on the booking task and show the difference.
 
 Offline and CPU-sized: score the held-out split with the base model, fine-tune with LoRA using
-`DEMO_RECIPE` through the trainer API, score again with the saved adapter, and report both
-scores, a few answers side by side, the fine-tune's wall time and where the adapter is.
+the recipe beside the data through the trainer API, score again with the saved adapter, and
+report both scores, a few answers side by side, the fine-tune's wall time and where the adapter is.
 
-The data lives in the repository (`examples/demo/{train,heldout}.jsonl`); an installed wheel
-does not carry it, so outside a checkout pass `data_dir` (`lorakit demo --data-dir DIR`).
+The recipe and data live in the repository (`examples/demo/{recipe.yaml,train.jsonl,heldout.jsonl}`);
+an installed wheel does not carry them, so outside a checkout pass `data_dir` (`lorakit demo --data-dir DIR`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -18,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .task import DEMO_RECIPE, accuracy, score
+from .task import MAX_NEW_TOKENS, accuracy, score
 
-DEMO_MODEL = "smollm2-135m"
 DEFAULT_OUTPUT = Path("runs/demo")
-DATA_FILES = ("train.jsonl", "heldout.jsonl")
+RECIPE = "recipe.yaml"  # a `lorakit train` recipe
+DATA_FILES = (RECIPE, "train.jsonl", "heldout.jsonl")
 
 
 @dataclass
@@ -40,7 +41,7 @@ class DemoResult:
 
 
 def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The directory with the demo's train/heldout files: `data_dir`, else the repo's examples/demo."""
+    """The directory with the demo's recipe and train/heldout files: `data_dir`, else the repo's examples/demo."""
     if data_dir is not None:
         candidates = [Path(data_dir)]
     else:
@@ -51,7 +52,7 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
             return candidate
     where = candidates[0] if data_dir is not None else "examples/demo of the lorakit repository"
     raise FileNotFoundError(
-        f"demo data ({' and '.join(DATA_FILES)}) not found in {where}; "
+        f"demo data ({', '.join(DATA_FILES[:-1])} and {DATA_FILES[-1]}) not found in {where}; "
         "run from a lorakit checkout or pass --data-dir"
     )
 
@@ -75,8 +76,7 @@ def evaluate(model: Any, tokenizer: Any, prompts: list, references: list[str]) -
     from ..generation import generate
 
     answers = generate(
-        model, tokenizer, prompts, max_new_tokens=DEMO_RECIPE["max_new_tokens"], temperature=0.0,
-        batch_size=len(prompts),
+        model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, batch_size=len(prompts),
     )
     return accuracy(answers, references), answers
 
@@ -85,21 +85,27 @@ def run_demo(
     *,
     data_dir: str | os.PathLike | None = None,
     output_dir: str | os.PathLike = DEFAULT_OUTPUT,
-    model: str = DEMO_MODEL,
+    model: str | None = None,
     max_steps: int | None = None,
     frozen_matmul_precision: str = "highest",
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Evaluate, fine-tune, evaluate again; the adapter is left in `output_dir` (replaced each run)."""
-    from ..generation import load_for_inference, quiet_loading
+    """Evaluate, fine-tune, evaluate again; the adapter is left in `output_dir` (replaced each run).
+
+    `model` and `max_steps` default to the recipe's.
+    """
     from ..lora.peft_model import PeftModel
+    from ..models.inference import load_for_inference, quiet_loading
     from ..train import train
 
     data = find_data_dir(data_dir)
     prompts, references = read_heldout(data / "heldout.jsonl")
     out = Path(output_dir)
-    log(f"loading {model} (converted from its GGUF on first use)")
-    base, tokenizer = load_for_inference(model, [])
+    # a progress bar only where someone watches it; a log file gets plain lines
+    config = demo_train_config(data, out, model, max_steps, quiet=not sys.stderr.isatty(),
+                               frozen_matmul_precision=frozen_matmul_precision)
+    log(f"loading {config.model} (converted from its GGUF on first use)")
+    base, tokenizer = load_for_inference(config.model, [])
 
     log(f"scoring the base model on {len(prompts)} held-out requests")
     start = time.perf_counter()
@@ -107,9 +113,6 @@ def run_demo(
     eval_seconds = time.perf_counter() - start
     log(f"  held-out accuracy before: {before:.0%} ({eval_seconds:.0f} s)")
 
-    # a progress bar only where someone watches it; a log file gets plain lines
-    config = demo_train_config(data / "train.jsonl", out, model, max_steps, quiet=not sys.stderr.isatty(),
-                               frozen_matmul_precision=frozen_matmul_precision)
     log(f"fine-tuning with LoRA (r={config.r}, {config.max_steps} steps of {config.batch_size}) -> {out}")
     start = time.perf_counter()
     with quiet_loading():
@@ -173,21 +176,20 @@ def _clip(text: str, width: int = 100) -> str:
 
 # -- the trainer's side ----------------------------------------------------------------------
 def demo_train_config(
-    train_file: Path, output_dir: Path, model: str, max_steps: int | None = None, quiet: bool = False,
-    frozen_matmul_precision: str = "highest",
+    data_dir: Path, output_dir: Path, model: str | None = None, max_steps: int | None = None,
+    quiet: bool = False, frozen_matmul_precision: str = "highest",
 ) -> Any:
-    """`DEMO_RECIPE` as the trainer's `TrainConfig` (the recipe's eval-only keys stay out)."""
-    from ..train import TrainConfig
+    """The recipe in `data_dir` as a TrainConfig on the train.jsonl beside it (None: the recipe's value).
 
-    recipe = DEMO_RECIPE
-    if recipe["loss_on"] != "assistant":
-        raise ValueError(f"DEMO_RECIPE loss_on={recipe['loss_on']!r}: only 'assistant' is supported")
-    return TrainConfig(
-        model=model, data=str(train_file), output_dir=str(output_dir), overwrite=True,
-        r=recipe["r"], lora_alpha=float(recipe["alpha"]), lora_dropout=recipe["dropout"],
-        target_modules=list(recipe["target_modules"]), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-        batch_size=recipe["batch_size"], max_steps=max_steps or recipe["steps"], epochs=recipe["epochs"],
-        max_seq_len=recipe["max_seq_len"], warmup_steps=min(recipe["warmup_steps"], max_steps or recipe["steps"]),
-        scheduler=recipe["schedule"], train_on_prompt=False, seed=recipe["seed"], quiet=quiet,
-        frozen_matmul_precision=frozen_matmul_precision,
+    A shorter run (`max_steps`) keeps its warmup no longer than the run.
+    """
+    from ..train import load_train_config
+
+    config = load_train_config(
+        Path(data_dir) / RECIPE, data=str(Path(data_dir) / "train.jsonl"), output_dir=str(output_dir),
+        overwrite=True, quiet=quiet, frozen_matmul_precision=frozen_matmul_precision, model=model,
+        max_steps=max_steps,
     )
+    if config.max_steps is not None and config.warmup_steps > config.max_steps:
+        config = dataclasses.replace(config, warmup_steps=config.max_steps)
+    return config

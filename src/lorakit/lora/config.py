@@ -23,31 +23,43 @@ Targets = Union[list[str], set[str], str, None]
 _IGNORED_KEYS = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
 
 
+def _doc(default: Any, help: str) -> Any:
+    """A field whose help (`metadata["help"]`) is its documentation, for recipes and `--help` too."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class LoraConfig:
     """Which modules get a LoRA adapter and how it is shaped, initialised and scaled."""
 
-    r: int = 8
-    lora_alpha: float = 8
-    target_modules: Targets = None
-    exclude_modules: Targets = None
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    init_lora_weights: bool | Literal["gaussian"] = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_dora: bool = False
-    lora_bias: bool = False
-    task_type: str | None = None
-    peft_type: str = "LORA"
-    base_model_name_or_path: str | None = None
-    revision: str | None = None
-    inference_mode: bool = False
+    r: int = _doc(8, "rank of the update B @ A")
+    lora_alpha: float = _doc(8, "the update is scaled by lora_alpha / r")
+    target_modules: Targets = _doc(None, "modules that get adapters: names (matching the end of the dotted "
+                                   "name), 'all-linear', or a regex string; null: PEFT's choice for the model type")
+    exclude_modules: Targets = _doc(None, "modules never adapted: names or a regex string")
+    lora_dropout: float = _doc(0.0, "dropout on the LoRA input during training")
+    fan_in_fan_out: bool = _doc(False, "the base stores its weight as (in, out), as GPT-2's Conv1D does")
+    bias: Literal["none", "all", "lora_only"] = _doc("none", "which base biases train (and are saved with "
+                                                     "the adapter): none, all, or those of adapted modules")
+    use_rslora: bool = _doc(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
+    modules_to_save: list[str] | None = _doc(None, "modules trained in full and saved beside the adapter")
+    init_lora_weights: bool | Literal["gaussian"] = _doc(
+        True, "B starts at 0 (no change at first) with A Kaiming-uniform (true) or of std 1/r (gaussian); "
+              "false: A and B both random (tests)")
+    layers_to_transform: list[int] | int | None = _doc(None, "adapt only these layer indices")
+    layers_pattern: list[str] | str | None = _doc(None, "the module list holding the layers (e.g. layers); "
+                                                  "with layers_to_transform")
+    rank_pattern: dict[str, int] = _doc({}, "per-module rank, {name or regex: r}, overriding r")
+    alpha_pattern: dict[str, float] = _doc({}, "per-module alpha, {name or regex: alpha}, overriding lora_alpha")
+    use_dora: bool = _doc(False, "DoRA: learn a magnitude vector besides the low-rank direction")
+    lora_bias: bool = _doc(False, "give lora_B a trainable bias")
+    task_type: str | None = _doc(None, "PEFT's task type, e.g. CAUSAL_LM (metadata)")
+    peft_type: str = _doc("LORA", "always LORA for a LoraConfig")
+    base_model_name_or_path: str | None = _doc(None, "the base model the adapter was trained on (metadata)")
+    revision: str | None = _doc(None, "the base model's hub revision (metadata)")
+    inference_mode: bool = _doc(False, "loaded for inference only: the adapter does not train")
 
     def __post_init__(self) -> None:
         # Copy containers so that later changes to the caller's lists never reach us.
@@ -64,33 +76,33 @@ class LoraConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field whose value is invalid."""
+        """Raise ValueError, "field: what is wrong", for the first field whose value is invalid."""
         _positive("r", self.r, integer=True)
         _positive("lora_alpha", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+            raise ValueError(f"bias: must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                f"init_lora_weights: must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
         if self.peft_type != "LORA":
-            raise ValueError(f"peft_type must be 'LORA' for a LoraConfig, got {self.peft_type!r}")
+            raise ValueError(f"peft_type: must be 'LORA' for a LoraConfig, got {self.peft_type!r}")
         if self.use_dora and self.lora_bias:
-            raise ValueError("lora_bias=True is not supported together with use_dora=True")
+            raise ValueError("lora_bias: not supported together with use_dora")
         for key, value in self.rank_pattern.items():
             _positive(f"rank_pattern[{key!r}]", value, integer=True)
         for key, value in self.alpha_pattern.items():
             _positive(f"alpha_pattern[{key!r}]", value)
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern is only used together with layers_to_transform")
+            raise ValueError("layers_pattern: only used together with layers_to_transform")
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
-            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
+            raise ValueError("layers_to_transform: cannot be used when target_modules is a regex string")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, set)):
-                raise ValueError(f"{name} must be a list of names or a regex string, got {type(value).__name__}")
+                raise ValueError(f"{name}: must be a list of names or a regex string, got {type(value).__name__}")
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -146,7 +158,7 @@ def _positive(name: str, value: Any, integer: bool = False) -> None:
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or not value > 0 or not math.isfinite(value):
         kind = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise ValueError(f"{name}: must be {kind}, got {value!r}")
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

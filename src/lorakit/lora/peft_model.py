@@ -7,7 +7,6 @@ with every call (see routing.py), so handles never disturb each other, even acro
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 from .config import LoraConfig
 from .io import WEIGHTS_NAME, file_key, load_adapter_weights, save_tensors
 from .model import OWNER_ATTR, LoraModel, owner_of
+from .names import adapter_name_for
 from .routing import BASE, current_route, per_row_adapters, use_adapters
 
 
@@ -216,14 +216,14 @@ class PeftModel(nn.Module):
         If `model` already carries lorakit adapters (an earlier `from_pretrained` or `get_peft_model`
         on it), the adapter is added to the same layers instead of wrapping them again, and the
         returned handle runs only its own adapter. An adapter name already in use is replaced by one
-        made from the directory name.
+        made from the directory name (`names.adapter_name_for`).
         """
         if isinstance(model, PeftModel):
             model = model.base_model.model
         owner = owner_of(model)
         if owner is None:
             owner = LoraModel(model, autocast_adapter_dtype=autocast_adapter_dtype)
-        name = adapter_name if adapter_name not in owner.peft_config else _fresh_name(owner, model_id)
+        name = adapter_name if adapter_name not in owner.peft_config else adapter_name_for(model_id, owner.peft_config)
         _load_into(owner, model_id, name, is_trainable, config)
         if not owner.active_adapters:
             owner.set_adapter(name)
@@ -260,15 +260,6 @@ def _load_into(
         owner.delete_adapter(name)  # leave the model as it was
         raise
     owner.set_adapter(owner.active_adapters or [name])
-
-
-def _fresh_name(owner: LoraModel, model_id) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(os.path.normpath(os.fspath(model_id)))).strip("-")
-    stem = stem or "adapter"
-    name, i = stem, 2
-    while name in owner.peft_config:
-        name, i = f"{stem}-{i}", i + 1
-    return name
 
 
 def _detached_copy(lora_model: LoraModel) -> LoraModel:

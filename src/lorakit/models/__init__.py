@@ -1,22 +1,36 @@
-"""Loading base models: built-in names, local dirs, GGUF files and hub ids."""
+"""Loading base models: built-in names, local dirs, GGUF files and hub ids; with adapters for inference."""
 
 from .cache import build_dir_once, cache_dir
 from .embedded import BUILTIN_MODELS, BuiltinModel, builtin_gguf_path
 from .gguf import convert_gguf, converted_gguf_dir
+from .inference import (
+    DEFAULT_MODEL,
+    base_model_of,
+    check_adapter_dir,
+    load_for_inference,
+    model_is_available,
+    quiet_loading,
+)
 from .load import load_model, pick_device, pick_dtype, resolve_model_path
 from .tokens import ensure_pad_token
 
 __all__ = [
     "BUILTIN_MODELS",
     "BuiltinModel",
+    "DEFAULT_MODEL",
+    "base_model_of",
     "build_dir_once",
     "builtin_gguf_path",
     "cache_dir",
+    "check_adapter_dir",
     "convert_gguf",
     "converted_gguf_dir",
     "ensure_pad_token",
+    "load_for_inference",
     "load_model",
+    "model_is_available",
     "pick_device",
     "pick_dtype",
+    "quiet_loading",
     "resolve_model_path",
 ]

@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.lora.routing import BASE
+
 from .errors import AdapterError, BadRequest, NotFound
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -125,7 +127,7 @@ class AdapterRegistry:
                 f"adapter name {name!r} must be 1-128 letters, digits or . _ : - (starting with a letter or digit)",
                 param="name",
             )
-        if name == self.base_name or name == "__base__":
+        if name in (self.base_name, BASE):
             raise BadRequest(f"adapter name {name!r} is taken by the base model", param="name")
         with self._lock:
             if name in self._paths or name in self._removed:

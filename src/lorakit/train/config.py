@@ -2,7 +2,8 @@
 
 The YAML a user writes, the `key=value` overrides, the CLI flags and the `config.yaml` a run
 writes all use these field names. Each field's `metadata["help"]` is its documentation (the CLI
-builds `--help` from it), so there is one source for what an option means.
+builds `--help` from it), so there is one source for what an option means. The LoRA options are
+`LoraConfig`'s own fields under PEFT's names (see `LoraOptions`), validated by `LoraConfig`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from lorakit.lora.config import LoraConfig
+
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -26,15 +29,46 @@ class ConfigError(ValueError):
     """A training option that is unknown or has a bad value; the message names it."""
 
 
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+def _opt(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# LoraConfig fields a recipe does not set, and why: the trainer or the file format fills them in.
+NOT_IN_RECIPE = {
+    "task_type": "the trainer fine-tunes causal LMs: always CAUSAL_LM",
+    "peft_type": "always LORA",
+    "base_model_name_or_path": "recorded from `model`",
+    "revision": "a hub revision is part of `model`'s resolution, not the adapter's",
+    "inference_mode": "an adapter being trained is never in inference mode",
+}
+# Where a recipe's default differs from LoraConfig's (PEFT's): a rank and targets that fine-tune well.
+RECIPE_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32.0, "target_modules": SEVEN_PROJECTIONS}
+
+
+def _lora_options() -> type:
+    """A dataclass of LoraConfig's fields (less NOT_IN_RECIPE) with the recipe's defaults and their help."""
+    hints = typing.get_type_hints(LoraConfig)
+    fields = []
+    for f in dataclasses.fields(LoraConfig):
+        if f.name not in NOT_IN_RECIPE:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            fields.append((f.name, hints[f.name], _opt(RECIPE_DEFAULTS.get(f.name, default), f.metadata["help"])))
+    doc = "LoraConfig's fields as recipe options (built from it, so a new LoraConfig field is one too)."
+    return dataclasses.make_dataclass("LoraOptions", fields, namespace={"__module__": __name__, "__doc__": doc})
+
+
+LoraOptions = _lora_options()
+LORA_KEYS = tuple(f.name for f in dataclasses.fields(LoraOptions))
 
 
 @dataclass
-class TrainConfig:
-    """What to fine-tune, on which data, how, and where the run goes (see each field's help)."""
+class TrainConfig(LoraOptions):
+    """What to fine-tune, on which data, how, and where the run goes (see each field's help).
+
+    The LoRA options (`LORA_KEYS`: r, lora_alpha, target_modules, ...) come from `LoraOptions`.
+    """
 
     # -- model and data ---------------------------------------------------------------------
     model: str = _opt("smollm2-135m", "base model: a built-in name, a local model dir, a .gguf file or a hub id")
@@ -47,14 +81,8 @@ class TrainConfig:
     max_seq_len: int = _opt(512, "cut examples to this many tokens (packed rows hold this many)")
     packing: bool = _opt(False, "pack several examples per row (no attention across them) to skip padding")
     # -- method -----------------------------------------------------------------------------
-    method: Literal["lora", "full"] = _opt("lora", "lora trains an adapter; full trains every weight")
-    r: int = _opt(16, "LoRA rank")
-    lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by lora_alpha / r")
-    lora_dropout: float = _opt(0.0, "dropout on the LoRA input during training")
-    target_modules: list[str] | str = _opt(
-        SEVEN_PROJECTIONS, "modules that get adapters: names, 'all-linear', or a regex string")
-    use_dora: bool = _opt(False, "DoRA: learn a magnitude vector besides the low-rank direction")
-    use_rslora: bool = _opt(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
+    method: Literal["lora", "full"] = _opt("lora", "lora trains an adapter (options in LoraConfig's "
+                                           "names: r, lora_alpha, ...); full trains every weight")
     # -- optimisation -----------------------------------------------------------------------
     lr: float = _opt(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norms)")
@@ -91,9 +119,11 @@ class TrainConfig:
                                "run stops with an error (a rank that died or hangs)")
 
     def __post_init__(self) -> None:
-        # copy the caller's list so that later changes to it never reach this config
-        if isinstance(self.target_modules, list):
-            self.target_modules = list(self.target_modules)
+        # copy the caller's containers so that later changes to them never reach this config
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (list, dict, set)):
+                setattr(self, f.name, type(value)(value))
         self.validate()
 
     def validate(self) -> None:
@@ -104,18 +134,16 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("data: required (the path of the training records)")
         _at_least("max_seq_len", self.max_seq_len, 2)
-        for name in ("r", "batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"):
             _at_least(name, getattr(self, name), 1)
         for name in ("max_steps", "eval_every", "save_every"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
         _at_least("warmup_steps", self.warmup_steps, 0)
         _in_range("eval_fraction", self.eval_fraction, 0, 1)
-        _in_range("lora_dropout", self.lora_dropout, 0, 1)
         _in_range("warmup_ratio", self.warmup_ratio, 0, 1)
-        for name in ("lr", "lora_alpha"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ConfigError(f"{name}: must be a positive number, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr: must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -128,8 +156,9 @@ class TrainConfig:
             raise ConfigError("eval_every: there is no eval data; set eval_data or eval_fraction too")
         if isinstance(self.target_modules, list) and not all(self.target_modules):
             raise ConfigError(f"target_modules: empty name in {self.target_modules!r}")
-        if not self.target_modules:
-            raise ConfigError("target_modules: must name at least one module")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules: must name at least one module (null: the model type's default)")
+        self.lora_config()
         if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
             raise ConfigError(f"dist_timeout: must be a positive number of seconds, got {self.dist_timeout!r}")
         if self.resume is not None and not self.resume:
@@ -138,6 +167,13 @@ class TrainConfig:
             raise ConfigError("frozen_matmul_precision: method full has no frozen weights; leave it at highest")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+    def lora_config(self, **metadata: Any) -> LoraConfig:
+        """The LoraConfig this recipe trains; `metadata` sets NOT_IN_RECIPE fields. Its errors are ConfigErrors."""
+        try:
+            return LoraConfig(**{name: getattr(self, name) for name in LORA_KEYS}, **metadata)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,8 +270,10 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     line arrives as one string; both are fixed here. Anything else is left for the type check.
     """
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    if isinstance(value, str) and _NAME_LIST.fullmatch(value) and any(typing.get_origin(o) is list for o in options):
-        return [part.strip() for part in value.split(",")]
+    lists = [o for o in options if typing.get_origin(o) is list]
+    if isinstance(value, str) and _NAME_LIST.fullmatch(value) and lists:
+        (item,) = typing.get_args(lists[0])
+        return [coerce(name, part.strip(), item) for part in value.split(",")]
     if value is None or any(_fits(value, o) for o in options):
         return value
     for option in options:
@@ -265,9 +303,12 @@ def _fits(value: Any, hint: Any) -> bool:
         return value is None
     if typing.get_origin(hint) is Literal:
         return value in typing.get_args(hint)
-    if typing.get_origin(hint) is list:
+    if typing.get_origin(hint) in (list, set):
         (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item) for v in value)
+        return isinstance(value, typing.get_origin(hint)) and all(_fits(v, item) for v in value)
+    if typing.get_origin(hint) is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -280,8 +321,10 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(o) for o in typing.get_args(hint))
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    if typing.get_origin(hint) is list:
-        return "a list of names"
+    if typing.get_origin(hint) in (list, set):
+        return "a list of " + {str: "names", int: "integers"}.get(typing.get_args(hint)[0], "values")
+    if typing.get_origin(hint) is dict:
+        return f"a mapping of name: {_describe(typing.get_args(hint)[1])}"
     if hint is type(None):
         return "null"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

@@ -17,14 +17,13 @@ from torch import nn
 from lorakit.data import DataError, Example, load_records, pack, split_records, tokenize_records
 
 from .checkpoint import latest_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import LORA_KEYS, ConfigError, TrainConfig
 
 # Options that shape the trajectory: a resumed run must have the checkpoint's values for these.
 # (batch_size and grad_accum may change, with the number of processes, if the global batch stays.)
 TRAJECTORY = (
     "model", "data", "eval_fraction", "format", "train_on_prompt", "max_seq_len", "packing", "method",
-    "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "lr", "weight_decay",
-    "scheduler", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed",
+    *LORA_KEYS, "lr", "weight_decay", "scheduler", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed",
 )
 
 
@@ -80,13 +79,9 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     if config.method == "lora":
-        from lorakit import LoraConfig, get_peft_model
+        from lorakit import get_peft_model
 
-        lora = LoraConfig(
-            r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules, use_dora=config.use_dora, use_rslora=config.use_rslora,
-            task_type="CAUSAL_LM", base_model_name_or_path=base_model_name(config.model),
-        )
+        lora = config.lora_config(task_type="CAUSAL_LM", base_model_name_or_path=base_model_name(config.model))
         model = get_peft_model(model, lora)
     else:
         for p in model.parameters():
