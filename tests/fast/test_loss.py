@@ -87,3 +87,43 @@ def test_causal_lm_loss_matches_transformers(make, targets):
     plain = torch.autograd.grad(model(**batch).loss, params)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn"])])
+def test_plain_api_training_call_takes_the_fused_loss(make, targets, monkeypatch):
+    """`model(input_ids, labels=...)` in training: transformers' loss and gradients, without logits."""
+    import lorakit.fast.loss as loss_module
+
+    calls = []
+    real = loss_module.linear_cross_entropy
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = get_peft_model(make(), LoraConfig(r=4, target_modules=targets, init_lora_weights=False, lora_dropout=0.0))
+    model.train()
+    if make is tiny_gpt2:
+        model.base_model.model.config.resid_pdrop = 0  # no dropout: both calls see the same network
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(ids, labels=labels)
+    assert out.logits is None and calls == [1]
+    fused = torch.autograd.grad(out.loss, params)
+    model.fused_loss = False
+    plain_out = model(ids, labels=labels)
+    assert plain_out.logits is not None and calls == [1]
+    torch.testing.assert_close(out.loss, plain_out.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused, torch.autograd.grad(plain_out.loss, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.fused_loss = True
+    # Trainer's gradient accumulation divides by the items of the whole step
+    torch.testing.assert_close(model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss,
+                               plain_out.loss * (labels[:, 1:] != -100).sum() / 100, rtol=1e-5, atol=1e-6)
+    # other arguments, evaluation or no labels: transformers' own forward, logits and all
+    assert model(input_ids=ids, labels=labels, output_hidden_states=True).logits is not None
+    model.eval()
+    assert model(input_ids=ids, labels=labels).logits is not None
+    assert len(calls) == 2

@@ -47,6 +47,33 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return body, head
 
 
+# what `model(**kwargs)` may be called with for the fused loss to stand in for transformers' own
+_PLAIN_CALL = frozenset({"input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels", "use_cache",
+                         "num_items_in_batch"})
+
+
+def fused_output(model: nn.Module, kwargs: dict):
+    """`model(**kwargs)` in training with labels, its loss from the fused head: transformers' loss
+    (the mean over labelled tokens, or their sum / `num_items_in_batch` as Trainer asks), without
+    the (tokens, vocab) logits, which come back as None. None when it does not apply: not
+    training, no labels, other arguments, or a head the fused loss does not cover."""
+    labels = kwargs.get("labels")
+    if labels is None or not (model.training and torch.is_grad_enabled()) or not set(kwargs) <= _PLAIN_CALL:
+        return None
+    fused = fused_head(model)
+    if fused is None:
+        return None
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    body, head = fused
+    inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "num_items_in_batch", "use_cache")}
+    target = labels[:, 1:]
+    hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    total = linear_cross_entropy(hidden, head.weight, target, chunk=256)
+    count = kwargs.get("num_items_in_batch")
+    return CausalLMOutputWithPast(loss=total / (count if count is not None else (target != IGNORE).sum()))
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 256) -> tuple[Tensor, Tensor]:
     """(sum of next-token cross-entropies over labels != -100, number of such tokens as a 0-dim tensor)."""
     labels = batch["labels"]

@@ -255,7 +255,10 @@ class LoraModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the bare base model inside the block (this thread only); merged adapters come back after."""
+        """Calls made inside the block, from this thread or asyncio task, run the bare base model
+        (the route is a context variable); other threads keep their adapters. Merged adapters are
+        the exception: the weights are shared, so they are unmerged for every caller during the
+        block and merged back after it."""
         merged = {id(layer): list(layer.merged_adapters) for _, layer in self.lora_layers()}
         self.unmerge_adapter()
         try:

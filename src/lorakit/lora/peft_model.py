@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fast.loss import fused_output
 from .config import LoraConfig
 from .io import WEIGHTS_NAME, file_key, load_adapter_weights, save_tensors
 from .model import OWNER_ATTR, LoraModel, owner_of
@@ -98,11 +99,20 @@ class PeftModel(nn.Module):
         with per_row_adapters(rows):
             yield
 
+    # In training, `model(input_ids, labels=...)` takes the fused head + loss (`fast.loss`): the same
+    # loss without the (tokens, vocab) logits, whose `logits` is then None. False: transformers' own.
+    fused_loss = True
+
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is not None:
             _check_rows(adapter_names, args, kwargs)
+        model = self.base_model.model
         with self.adapter_scope(adapter_names):
-            return self.base_model.model(*args, **kwargs)
+            if self.fused_loss and len(args) <= 1 and adapter_names is None and "labels" in kwargs:
+                out = fused_output(model, {**dict(zip(("input_ids",), args)), **kwargs})
+                if out is not None:
+                    return out
+            return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         model = self.base_model.model

@@ -41,7 +41,6 @@ class AdapterRegistry:
         self._users: dict[str, int] = {}  # running requests per resident adapter
         self._removed: set[str] = set()  # deleted while in use: unloaded when the last user leaves
         self.loads = 0  # loads from disk, including reloads after eviction
-        self._all_linear = _all_linear_names(model)
 
     # -- questions (any thread) ----------------------------------------------------------------
     def names(self) -> list[str]:
@@ -152,10 +151,6 @@ class AdapterRegistry:
             config = LoraConfig.from_pretrained(path)
             if config.use_dora:
                 raise AdapterError("DoRA adapters cannot run in mixed-adapter batches; merge it into a model instead")
-            if config.target_modules in ("all-linear", {"all-linear"}):
-                # Spelled out from the unwrapped model: once a first adapter has wrapped the
-                # layers, "all-linear" no longer finds them (they are LoRA wrappers, not nn.Linear).
-                config.target_modules = set(self._all_linear)
             handle = PeftModel.from_pretrained(self.model, path, adapter_name=name, config=config)
             self._handle = self._handle or handle
         except AdapterError:
@@ -173,14 +168,3 @@ class AdapterRegistry:
         with self._lock:
             self._resident.pop(name, None)
             self._users.pop(name, None)
-
-
-def _all_linear_names(model: nn.Module) -> set[str]:
-    """What target_modules="all-linear" means for `model` before any adapter wraps its layers."""
-    from lorakit import LoraConfig
-    from lorakit.lora.targeting import resolve_targets
-
-    try:
-        return set(resolve_targets(model, LoraConfig(target_modules="all-linear")))
-    except ValueError:
-        return set()

@@ -128,8 +128,8 @@ def _train(config: TrainConfig, world: World, device: torch.device, started: flo
 
     progress = Progress(total, start, config.quiet, enabled=world.is_main)
     progress.message(_describe(config, stats, total, out, resume_from, start, world, saved_world))
-    run = _Run(config, world, model, forward, tokenizer, params, optimizer, plan, data.train, data.eval,
-               total, warmup, out, device, progress)
+    run = _Run(config, world, _Parts(model, forward, tokenizer, params, optimizer, plan, data.train, data.eval,
+                                     total, warmup, out, device, progress))
     try:
         try:
             run.steps(start)
@@ -199,23 +199,39 @@ def _dropout_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """What a run is made of, once set up."""
+
+    model: nn.Module
+    forward: nn.Module  # micro-batch -> (loss sum, tokens), through DDP/FSDP when distributed
+    tokenizer: Any
+    params: list[tuple[str, nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    plan: StepPlan
+    examples: list[Example]
+    eval_examples: list[Example]
+    total: int  # steps
+    warmup: int  # steps
+    out: Path
+    device: torch.device
+    progress: Progress
+
+
 class _Run:
     """The step loop and what it carries between steps (pending losses, timing, the metrics file)."""
 
-    def __init__(self, config: TrainConfig, world: World, model: nn.Module, forward: nn.Module, tokenizer: Any,
-                 params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer, plan: StepPlan,
-                 examples: list[Example], eval_examples: list[Example], total: int, warmup: int,
-                 out: Path, device: torch.device, progress: Progress) -> None:
-        self.config, self.world, self.model, self.params = config, world, model, params
-        self.forward = forward  # micro-batch -> (loss sum, tokens), through DDP/FSDP when distributed
-        self.optimizer, self.plan, self.examples, self.eval_examples = optimizer, plan, examples, eval_examples
-        self.total, self.warmup, self.out, self.device, self.progress = total, warmup, out, device, progress
+    def __init__(self, config: TrainConfig, world: World, parts: _Parts) -> None:
+        self.config, self.world = config, world
+        for name in parts.__dataclass_fields__:  # the parts are read as attributes of the run
+            setattr(self, name, getattr(parts, name))
+        examples, tokenizer = parts.examples, parts.tokenizer
         self.pad_id = pad_token_id(tokenizer)
-        self.tensors = [p for _, p in params]
+        self.tensors = [p for _, p in parts.params]
         # per-example counts, so a step's normaliser and token count cost no pass over tokens
         self.targets = np.array([count_targets([e]) for e in examples], dtype=np.int64)
         self.lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-        self.metrics = MetricsLog(out / "metrics.jsonl" if world.is_main else None)
+        self.metrics = MetricsLog(parts.out / "metrics.jsonl" if world.is_main else None)
         self.pending: list[tuple[int, Tensor, Tensor, float]] = []  # (step, loss, grad norm, lr)
         self.tokens = 0  # this rank's tokens over the whole call
         self.global_tokens = 0  # all ranks' tokens, up to the last log
