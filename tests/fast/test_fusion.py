@@ -248,3 +248,46 @@ def test_fast_paths_under_gradient_checkpointing_give_the_same_gradients(reentra
 def fast_adapter(layer: Linear) -> str | None:
     plan = layer.call_plan()
     return None if plan is None else plan.name
+
+
+def test_fuse_false_keeps_every_layer_on_its_own_with_the_same_gradients():
+    import lorakit.fast.fusion as fusion
+
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+
+    def grads(fuse):
+        torch.manual_seed(1)
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                               fuse=fuse).train()
+        assert fusion.attached(model.base_model.model) == fuse
+        logits(model, ids).pow(2).mean().backward()
+        return model, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_model, fused = grads(True)
+    _, plain = grads(False)
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    fusion.detach(fused_model.base_model.model)
+    assert not fusion.attached(fused_model.base_model.model)
+    assert all("forward" not in m.__dict__ for m in fused_model.modules())
+
+
+def test_grouped_qkv_outputs_follow_the_route_of_each_call():
+    """q computed under one adapter, k called under another on the same tensor: k runs its own."""
+    import lorakit.fast.fusion as fusion
+    from lorakit.lora.routing import use_adapters
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    model.train()
+    attn = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 32, requires_grad=True)
+    with use_adapters(["default"]):
+        attn.q_proj(x)
+    with use_adapters(["other"]):
+        got = attn.k_proj(x)
+    fusion.detach(model.base_model.model)
+    with use_adapters(["other"]):
+        expected = attn.k_proj(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,13 @@ def test_frozen_matmul_precision_reaches_the_training_products(base_config, monk
     assert levels and set(levels) == {"medium"}  # no eval data: every product is a training step's
     assert "frozen products at medium precision" in capsys.readouterr().out
     assert torch.get_float32_matmul_precision() == "highest" and result.train_loss is not None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_bases_train_with_fp32_adapters(base_config, dtype):
+    result = train(TrainConfig(**base_config, max_steps=8, dtype=dtype))
+    run = losses(Path(base_config["output_dir"]))
+    assert run[8] < run[1] - 0.1 and all(map(math.isfinite, run.values()))
+    params = dict(result.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {getattr(torch, dtype)}

@@ -105,8 +105,8 @@ class TrainConfig(LoraOptions):
     resume: str | None = _opt(None, "continue from a checkpoint: 'latest' (in output_dir) or its path")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: Literal["auto", "float32", "bfloat16"] = _opt(
-        "auto", "base weights' dtype; auto is bfloat16 on GPUs that support it, else float32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "base weights' dtype (adapters stay fp32); auto is bfloat16 on GPUs that support it, else float32")
     frozen_matmul_precision: Literal["highest", "high", "medium"] = _opt(
         "highest", "precision of the frozen base weights' products in LoRA training (torch's names): "
         "highest is exact fp32; medium takes bf16 operands on CPUs with AMX and TF32 on NVIDIA GPUs "
