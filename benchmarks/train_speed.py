@@ -19,6 +19,20 @@ of the timed steps.
 TF32 on NVIDIA GPUs); `--matmul-precision` instead sets torch's own process-wide precision for
 every contender.
 
+`lorakit-plain` is lorakit used only through PEFT's API, as a PEFT user's loop is written:
+`model = get_peft_model(base, config)`, then each step `model(input_ids=..., attention_mask=...,
+labels=...).loss.backward()`, `optimizer.step()`, `optimizer.zero_grad()` (AdamW over the trainable
+parameters), with none of the trainer's set-up (no CPU caching allocator, transformers' own loss).
+`peft` already is that loop with `import peft` (it loads the initial adapter from its file instead
+of calling `get_peft_model`, outside the timed steps), so it is the reference for `lorakit-plain`;
+`plain_vs_train_step` compares lorakit's plain step with its trainer's (`lorakit`).
+
+`peft-bf16`, `lorakit-bf16` and `lorakit-plain-bf16` are `peft`, `lorakit` and `lorakit-plain` with
+the base loaded in bfloat16; the adapters stay fp32 in all three (PEFT's autocast_adapter_dtype).
+Their losses differ from the fp32 ones by bf16 rounding; `bf16_loss_rel_diff` compares lorakit's with
+PEFT's, both in bf16. The summary line shows a ratio when a contender it is about ran, nan where
+the other one did not.
+
 By default every position has a label (the workload of issue #4). With --prompt-share, as in
 instruction tuning with the prompt masked out (the demo's data: 35 % of tokens are answers),
 the first part of each row has label -100 for every contender.
@@ -28,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -35,16 +50,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-CONTENDERS = {
-    "peft": "PEFT 0.21 + transformers (reference)",
-    "lorakit": "lorakit default",
-    "lorakit-memory": "lorakit memory mode (checkpointing + chunked loss)",
-    "lorakit-medium": "lorakit, frozen products at matmul precision medium (bf16 on AMX)",
-    "peft-gc": "PEFT + transformers gradient checkpointing",
-    "full": "full fine-tuning (transformers)",
-    "floor": "floor: frozen base forward + backward to inputs",
-}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, SEQ, WARMUP = 4, 256, 2
 
@@ -59,17 +67,116 @@ def _batch(vocab: int, prompt_share: float = 0.0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _make_initial_adapter(directory: str) -> None:
-    """The adapter every LoRA contender starts from (lorakit's init, saved in PEFT's format)."""
+def _fresh_adapter(base):
+    """`get_peft_model(base, config)` from lorakit at seed 0, as a user calls it: the initial adapter.
+
+    `_make_initial_adapter` saves what this returns, so `lorakit-plain` (which calls it too) starts
+    from the same weights as the contenders that load the file.
+    """
     import torch
 
     from lorakit import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+
+
+def _make_initial_adapter(directory: str) -> None:
+    """The adapter every LoRA contender starts from (lorakit's init, saved in PEFT's format)."""
     from lorakit.models import load_model
 
     model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
-    torch.manual_seed(0)
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
-    get_peft_model(model, config).save_pretrained(directory)
+    _fresh_adapter(model).save_pretrained(directory)
+
+
+# -- contenders: each builds its model in place on the base and returns the step's loss ----------
+# The loss is the mean next-token cross-entropy over the positions with a label, for every one.
+StepLoss = Callable[[], "torch.Tensor"]  # noqa: F821 (torch is imported in the contender's process)
+
+
+def _plain_step(model, batch: dict) -> StepLoss:
+    """The forward of a PEFT user's loop: transformers' own loss from `labels`."""
+    return lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+
+
+def _peft(gradient_checkpointing: bool = False):
+    """PEFT from the initial adapter's file; a PEFT user's plain loop (fp32 adapters on any base)."""
+    def build(base, batch: dict, adapter_dir: str) -> StepLoss:
+        import peft
+
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)  # autocast_adapter_dtype
+        return _plain_step(model, batch)
+    return build
+
+
+def _lorakit(memory: bool = False, level: str = "highest"):
+    """lorakit as its trainer runs a step: CPU allocator, fused chunked loss, precision scope."""
+    def build(base, batch: dict, adapter_dir: str) -> StepLoss:
+        from lorakit import PeftModel, frozen_matmul_precision
+        from lorakit.fast.allocator import prepare_cpu_training
+        from lorakit.fast.loss import causal_lm_loss
+
+        prepare_cpu_training(gradient_checkpointing=memory)  # as lorakit's trainer does
+        if memory:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+        n_target = int((batch["labels"][:, 1:] != -100).sum())
+
+        def step_loss():
+            with frozen_matmul_precision(level):  # backward keeps the level its forward ran at
+                return causal_lm_loss(model, batch, chunk=256)[0] / n_target
+        return step_loss
+    return build
+
+
+def _lorakit_plain(base, batch: dict, adapter_dir: str) -> StepLoss:
+    """lorakit through PEFT's API only: `get_peft_model`, then the same loop as PEFT's contender."""
+    return _plain_step(_fresh_adapter(base), batch)
+
+
+def _full(base, batch: dict, adapter_dir: str) -> StepLoss:
+    for p in base.parameters():
+        p.requires_grad_(True)
+    return _plain_step(base, batch)
+
+
+def _floor(base, batch: dict, adapter_dir: str) -> StepLoss:
+    for p in base.parameters():
+        p.requires_grad_(False)
+    embed = base.get_input_embeddings()
+    inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+
+    def step_loss():
+        embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
+        return base(inputs_embeds=embeds, **inputs).loss
+    return step_loss
+
+
+@dataclass(frozen=True)
+class Contender:
+    label: str  # the table's row name
+    build: Callable[..., StepLoss]  # (base, batch, adapter_dir) -> the step's loss
+    dtype: str = "float32"  # the base's; adapters are fp32 in every LoRA contender
+
+
+CONTENDERS = {
+    "peft": Contender("PEFT 0.21 + transformers (reference)", _peft()),
+    "lorakit": Contender("lorakit default", _lorakit()),
+    "lorakit-memory": Contender("lorakit memory mode (checkpointing + chunked loss)", _lorakit(memory=True)),
+    "lorakit-medium": Contender("lorakit, frozen products at matmul precision medium (bf16 on AMX)",
+                                _lorakit(level="medium")),
+    "peft-gc": Contender("PEFT + transformers gradient checkpointing", _peft(gradient_checkpointing=True)),
+    "full": Contender("full fine-tuning (transformers)", _full),
+    "floor": Contender("floor: frozen base forward + backward to inputs", _floor),
+    "lorakit-plain": Contender("lorakit plain API (get_peft_model, the loop PEFT's row runs)", _lorakit_plain),
+    "peft-bf16": Contender("PEFT + transformers, bf16 base, fp32 adapters", _peft(), "bfloat16"),
+    "lorakit-bf16": Contender("lorakit default, bf16 base, fp32 adapters", _lorakit(), "bfloat16"),
+    "lorakit-plain-bf16": Contender("lorakit plain API, bf16 base, fp32 adapters", _lorakit_plain, "bfloat16"),
+}
 
 
 def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, precision: str = "highest") -> dict:
@@ -77,50 +184,15 @@ def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, pre
 
     from lorakit.models import load_model
 
+    contender = CONTENDERS[name]
     torch.set_float32_matmul_precision(precision)  # the same for every contender
     torch.manual_seed(0)
-    model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
-    model.train()
-    batch = _batch(model.config.vocab_size, prompt_share)
-    n_target = int((batch["labels"][:, 1:] != -100).sum())
+    base, _ = load_model("smollm2-135m", dtype=contender.dtype, device="cpu")
+    base.train()
+    batch = _batch(base.config.vocab_size, prompt_share)
+    step_loss = contender.build(base, batch, adapter_dir)
 
-    if name in ("peft", "peft-gc"):
-        import peft
-
-        if name == "peft-gc":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-        step_loss = lambda: model(**batch).loss  # noqa: E731
-    elif name in ("lorakit", "lorakit-memory", "lorakit-medium"):
-        from lorakit import PeftModel, frozen_matmul_precision
-        from lorakit.fast.allocator import prepare_cpu_training
-        from lorakit.fast.loss import causal_lm_loss
-
-        prepare_cpu_training(gradient_checkpointing=name == "lorakit-memory")  # as lorakit's trainer does
-        if name == "lorakit-memory":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-        level = "medium" if name == "lorakit-medium" else "highest"
-
-        def step_loss():
-            with frozen_matmul_precision(level):  # backward keeps the level its forward ran at
-                return causal_lm_loss(model, batch, chunk=256)[0] / n_target
-    elif name == "full":
-        step_loss = lambda: model(**batch).loss  # noqa: E731
-    elif name == "floor":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        embed = model.get_input_embeddings()
-        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
-
-        def step_loss():
-            embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
-            return model(inputs_embeds=embeds, **inputs).loss
-    else:
-        raise ValueError(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
-
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in base.parameters() if p.requires_grad]  # both libraries adapt the base in place
     optimizer = torch.optim.AdamW(params, lr=2e-4) if params else None
     times, cpu_times, losses = [], [], []
     for step in range(WARMUP + steps):
@@ -164,35 +236,63 @@ def _table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         losses = " ".join(f"{x:.4f}" for x in r["losses"])
         lines.append(
-            f"| {CONTENDERS[name]} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['cpu_s']:.2f} "
+            f"| {CONTENDERS[name].label} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['cpu_s']:.2f} "
             f"| {r['peak_rss_gb']:.2f} | {losses} |"
         )
     return "\n".join(lines)
 
 
+def _loss_rel_diff(reference: list[float], other: list[float]) -> float:
+    """The largest relative difference of two loss curves, step by step."""
+    return max(abs(a - b) / abs(a) for a, b in zip(reference, other))
+
+
 def _summary(results: dict[str, dict]) -> str:
-    peft, ours, floor = results["peft"], results["lorakit"], results["floor"]
-    n = min(len(peft["losses"]), len(ours["losses"]))
-    rel = max(abs(a - b) / abs(a) for a, b in zip(peft["losses"][:n], ours["losses"][:n]))
-    parts = [
-        f"speed_vs_peft={ours['tokens_per_s'] / peft['tokens_per_s']:.2f}",
-        f"memory_vs_peft={ours['peak_rss_gb'] / peft['peak_rss_gb']:.2f}",
-        f"floor_ratio={ours['step_s'] / floor['step_s']:.2f}",
-        f"loss_rel_diff={rel:.1e}",
-        f"cpu_speed_vs_peft={peft['cpu_s'] / ours['cpu_s']:.2f}",
-        f"cpu_floor_ratio={ours['cpu_s'] / floor['cpu_s']:.2f}",
+    """The ratios docs quote: each shows when a contender it is about ran, nan where the other did not."""
+    def fig(name: str, key: str) -> float:
+        return results[name][key] if name in results else math.nan
+
+    def speed(a: str, b: str) -> float:
+        return fig(a, "tokens_per_s") / fig(b, "tokens_per_s")
+
+    def peak(a: str, b: str) -> float:
+        return fig(a, "peak_rss_gb") / fig(b, "peak_rss_gb")
+
+    def step(a: str, b: str) -> float:
+        return fig(a, "step_s") / fig(b, "step_s")
+
+    def cpu(a: str, b: str) -> float:
+        return fig(a, "cpu_s") / fig(b, "cpu_s")
+
+    def loss(a: str, reference: str) -> float:
+        if a not in results or reference not in results:
+            return math.nan
+        return _loss_rel_diff(results[reference]["losses"], results[a]["losses"])
+
+    figures = [  # (key, the contenders that call for it, value, format)
+        ("speed_vs_peft", ("lorakit",), speed("lorakit", "peft"), ".2f"),
+        ("memory_vs_peft", ("lorakit",), peak("lorakit", "peft"), ".2f"),
+        ("floor_ratio", ("lorakit",), step("lorakit", "floor"), ".2f"),
+        ("loss_rel_diff", ("lorakit",), loss("lorakit", "peft"), ".1e"),
+        ("cpu_speed_vs_peft", ("lorakit",), cpu("peft", "lorakit"), ".2f"),
+        ("cpu_floor_ratio", ("lorakit",), cpu("lorakit", "floor"), ".2f"),
+        ("medium_speed_vs_peft", ("lorakit-medium",), speed("lorakit-medium", "peft"), ".2f"),
+        ("medium_loss_rel_diff", ("lorakit-medium",), loss("lorakit-medium", "peft"), ".1e"),
+        ("memory_mode_vs_peft", ("lorakit-memory",), peak("lorakit-memory", "peft"), ".2f"),
+        ("memory_mode_speed_vs_peft_gc", ("lorakit-memory", "peft-gc"), speed("lorakit-memory", "peft-gc"), ".2f"),
+        ("plain_speed_vs_peft", ("lorakit-plain",), speed("lorakit-plain", "peft"), ".2f"),
+        ("plain_memory_vs_peft", ("lorakit-plain",), peak("lorakit-plain", "peft"), ".2f"),
+        ("plain_vs_train_step", ("lorakit-plain",), step("lorakit-plain", "lorakit"), ".2f"),
+        ("plain_loss_rel_diff", ("lorakit-plain",), loss("lorakit-plain", "peft"), ".1e"),
+        ("bf16_speed_vs_peft", ("lorakit-bf16", "peft-bf16"), speed("lorakit-bf16", "peft-bf16"), ".2f"),
+        ("bf16_memory_vs_peft", ("lorakit-bf16", "peft-bf16"), peak("lorakit-bf16", "peft-bf16"), ".2f"),
+        ("bf16_loss_rel_diff", ("lorakit-bf16", "peft-bf16"), loss("lorakit-bf16", "peft-bf16"), ".1e"),
+        ("plain_bf16_speed_vs_peft", ("lorakit-plain-bf16",), speed("lorakit-plain-bf16", "peft-bf16"), ".2f"),
+        ("plain_bf16_memory_vs_peft", ("lorakit-plain-bf16",), peak("lorakit-plain-bf16", "peft-bf16"), ".2f"),
+        ("plain_bf16_vs_train_step", ("lorakit-plain-bf16",), step("lorakit-plain-bf16", "lorakit-bf16"), ".2f"),
+        ("plain_bf16_loss_rel_diff", ("lorakit-plain-bf16",), loss("lorakit-plain-bf16", "peft-bf16"), ".1e"),
     ]
-    if "lorakit-medium" in results:
-        medium = results["lorakit-medium"]
-        diff = max(abs(a - b) / abs(a) for a, b in zip(peft["losses"][:n], medium["losses"][:n]))
-        parts += [f"medium_speed_vs_peft={medium['tokens_per_s'] / peft['tokens_per_s']:.2f}",
-                  f"medium_loss_rel_diff={diff:.1e}"]
-    if "lorakit-memory" in results:
-        mem = results["lorakit-memory"]
-        parts.append(f"memory_mode_vs_peft={mem['peak_rss_gb'] / peft['peak_rss_gb']:.2f}")
-        if "peft-gc" in results:
-            parts.append(f"memory_mode_speed_vs_peft_gc={mem['tokens_per_s'] / results['peft-gc']['tokens_per_s']:.2f}")
-    return " ".join(parts)
+    return " ".join(f"{key}={value:{fmt}}" for key, about, value, fmt in figures if results.keys() & set(about))
 
 
 def main() -> int:
@@ -236,8 +336,9 @@ def main() -> int:
                 runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {name: _median_run(rs) for name, rs in runs.items()}
     print(_table(results))
-    if {"peft", "lorakit", "floor"} <= results.keys():
-        print(_summary(results))
+    summary = _summary(results)
+    if summary:
+        print(summary)
     return 0
 
 
