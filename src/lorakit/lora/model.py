@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
-from ..fast import fusion
+from ..fast import attention, fusion
 from .config import LoraConfig
 from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper, wrapper_for
 from .routing import BASE, disabled
@@ -32,7 +32,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype  # False: adapters in the base's dtype
-        self.fuse = fuse  # False: no block fusions (fast.fusion), each layer runs on its own
+        self.fuse = fuse  # False: no block fusions (fast.fusion, fast.attention), each layer on its own
         model.__dict__[OWNER_ATTR] = self  # a plain attribute: not a submodule, no cycle in the module tree
         if config is not None:
             self.add_adapter(adapter_name, config)
@@ -92,6 +92,7 @@ class LoraModel(nn.Module):
         self._update_trainable()
         if self.fuse:
             fusion.attach(self.model)
+            attention.attach(self.model)
 
     def _add_saved_modules(self, adapter_name: str, config: LoraConfig) -> None:
         if not config.modules_to_save:
@@ -251,6 +252,7 @@ class LoraModel(nn.Module):
             self.model.set_submodule(name, chosen if chosen is not None else wrapper.original_module)
         self.model.__dict__.pop(OWNER_ATTR, None)
         fusion.detach(self.model)
+        attention.detach(self.model)
         return self.model
 
     @contextmanager

@@ -1,0 +1,66 @@
+"""Attention in fp32 for a 16-bit model on a CPU that only emulates 16-bit products.
+
+The frozen bases already multiply in their compute dtype (`bases.compute`); attention is
+transformers' own `scaled_dot_product_attention`, which in bf16 on an AVX2 CPU took 4.3 s of a
+12.2 s SmolLM2 training step (4 x 256 tokens), most of it in backward. `attach(model)` makes such
+a model's attention upcast q, k and v to fp32 and cast the output back, through transformers'
+documented `AttentionInterface` (registered once, under `NAME`, chosen per model in its config);
+`detach(model)` gives the model back the implementation it had. Models whose products are native
+(GPUs, CPUs with AMX/AVX512-BF16, fp32 models) are left as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ..bases.compute import product_dtype
+
+NAME = "lorakit_sdpa_compute_dtype"
+_BEFORE = "_lorakit_attn_before"
+
+
+def _forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attention_mask: torch.Tensor | None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    work = product_dtype(query.dtype, query.device)
+    if work == query.dtype:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.to(work)
+    out, weights = sdpa_attention_forward(module, query.to(work), key.to(work), value.to(work), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+@functools.cache
+def _registered() -> bool:
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # transformers before the attention interface: keep its own attention
+        return False
+    AttentionInterface.register(NAME, _forward)
+    return True
+
+
+def attach(model: nn.Module) -> bool:
+    """Route a 16-bit sdpa model's attention through `_forward` where its products are emulated."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None or weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if product_dtype(weight.dtype, weight.device) == weight.dtype or not _registered():
+        return False
+    model.__dict__[_BEFORE] = config._attn_implementation
+    config._attn_implementation = NAME
+    return True
+
+
+def detach(model: nn.Module) -> None:
+    before = model.__dict__.pop(_BEFORE, None)
+    if before is not None:
+        model.config._attn_implementation = before
