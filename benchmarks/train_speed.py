@@ -10,6 +10,7 @@ of the timed steps.
 
     python benchmarks/train_speed.py            # all contenders, prints the markdown table
     python benchmarks/train_speed.py --steps 5  # timed steps per contender (default 5)
+    python benchmarks/train_speed.py --only peft-bf16 lorakit-bf16 --warmup 1 --steps 1  # slow bf16 CPUs
     python benchmarks/train_speed.py --rounds 3 # each contender 3 times, alternating; medians
     python benchmarks/train_speed.py --prompt-share 0.65  # instruction tuning: no loss on the
                                                           # first 65 % of each row (a prompt)
@@ -179,7 +180,8 @@ CONTENDERS = {
 }
 
 
-def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, precision: str = "highest") -> dict:
+def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, precision: str = "highest",
+         warmup: int = WARMUP) -> dict:
     import torch
 
     from lorakit.models import load_model
@@ -195,7 +197,7 @@ def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, pre
     params = [p for p in base.parameters() if p.requires_grad]  # both libraries adapt the base in place
     optimizer = torch.optim.AdamW(params, lr=2e-4) if params else None
     times, cpu_times, losses = [], [], []
-    for step in range(WARMUP + steps):
+    for step in range(warmup + steps):
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = step_loss()
         loss.backward()
@@ -205,7 +207,7 @@ def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, pre
         value = float(loss)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(value)
-        if step >= WARMUP:
+        if step >= warmup:
             times.append(elapsed)
             cpu_times.append(cpu)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -300,6 +302,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps first (default %(default)s)")
     parser.add_argument("--only", nargs="*", choices=list(CONTENDERS), help="run only these contenders")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every contender this many times, alternating, and report the medians")
@@ -315,7 +318,8 @@ def main() -> int:
         parser.error(f"--prompt-share {args.prompt_share}: must be at least 0 and below 1 (some positions need labels)")
 
     if args.contender:
-        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps, args.prompt_share, args.matmul_precision)))
+        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps, args.prompt_share, args.matmul_precision,
+                              args.warmup)))
         return 0
 
     names = args.only or list(CONTENDERS)
@@ -327,6 +331,7 @@ def main() -> int:
                 print(f"round {round_ + 1}/{args.rounds}: running {name} …", file=sys.stderr, flush=True)
                 out = subprocess.run(
                     [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps),
+                     "--warmup", str(args.warmup),
                      "--prompt-share", str(args.prompt_share), "--matmul-precision", args.matmul_precision],
                     capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
                 )
