@@ -67,8 +67,10 @@ CASES = [
 
 @pytest.mark.parametrize("dtype,targets", CASES,
                          ids=["fp32-full", "fp32-qv", "fp32-all", "bf16-full", "bf16-qkvo-down", "bf16-all"])
-def test_activation_formula_equals_what_autograd_keeps(dtype, targets):
-    """lorakit's training forward (its loss, its LoRA layers): every byte autograd keeps is counted."""
+def test_activation_formula_equals_what_autograd_keeps(dtype, targets, monkeypatch):
+    """lorakit's training forward (its loss, its LoRA layers): every byte autograd keeps is counted,
+    for a device with native 16-bit products (a GPU: what the estimate sizes)."""
+    monkeypatch.setattr("lorakit.bases.compute._cpu_has", lambda flags: True)
     model = _tiny_llama(dtype)
     shape = decoder_shape(model.config)
     adapted = None

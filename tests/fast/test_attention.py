@@ -46,3 +46,27 @@ def test_native_or_fp32_models_keep_their_attention(monkeypatch):
     assert _model(torch.bfloat16).base_model.model.config._attn_implementation == "sdpa"
     monkeypatch.setattr(compute, "_cpu_has", lambda flags: False)
     assert _model(torch.float32).base_model.model.config._attn_implementation == "sdpa"
+
+
+def _saved_bytes(model, ids) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids).logits.float().sum()
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+def test_fp32_attention_keeps_only_16bit_inputs_for_backward(monkeypatch):
+    """Upcast attention keeps q, k, v in bf16 and recomputes: no more than native bf16 attention keeps."""
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(compute, "_cpu_has", lambda flags: True)
+    native = _saved_bytes(_model(torch.bfloat16), ids)
+    monkeypatch.setattr(compute, "_cpu_has", lambda flags: False)
+    upcast_model = _model(torch.bfloat16)
+    assert upcast_model.base_model.model.config._attn_implementation == attention.NAME
+    assert _saved_bytes(upcast_model, ids) <= native

@@ -68,6 +68,7 @@ def _cached_facts(key: str) -> ModelFacts:
     from lorakit import LoraConfig, get_peft_model
     from lorakit.lora.io import file_key
     from lorakit.fast.loss import fused_head
+    from lorakit import bases
 
     config, method, lora = json.loads(key)
     model = _meta_model(config)
@@ -75,7 +76,7 @@ def _cached_facts(key: str) -> ModelFacts:
     head = {n for n, m in model.named_modules() if output is not None and m is output}
     base_params = sum(p.numel() for p in model.parameters())
     body_linears = [
-        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in head
+        m.weight.numel() for n, m in model.named_modules() if bases.is_linear(m) and n not in head
     ]
     head_params = sum(p.numel() for n in head for p in model.get_submodule(n).parameters())
     shape = decoder_shape(model.config)

@@ -3,8 +3,9 @@
 The frozen bases already multiply in their compute dtype (`bases.compute`); attention is
 transformers' own `scaled_dot_product_attention`, which in bf16 on an AVX2 CPU took 4.3 s of a
 12.2 s SmolLM2 training step (4 x 256 tokens), most of it in backward. `attach(model)` makes such
-a model's attention upcast q, k and v to fp32 and cast the output back, through transformers'
-documented `AttentionInterface` (registered once, under `NAME`, chosen per model in its config);
+a model's attention upcast q, k and v to fp32 and cast the output back (in training, backward
+keeps the 16-bit q, k, v and recomputes the fp32 forward), through transformers' documented
+`AttentionInterface` (registered once, under `NAME`, chosen per model in its config);
 `detach(model)` gives the model back the implementation it had. Models whose products are native
 (GPUs, CPUs with AMX/AVX512-BF16, fp32 models) are left as they are.
 """
@@ -15,6 +16,7 @@ import functools
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..bases.compute import product_dtype
 
@@ -26,13 +28,21 @@ def _forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: t
              attention_mask: torch.Tensor | None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    work = product_dtype(query.dtype, query.device)
-    if work == query.dtype:
+    dtype = query.dtype
+    work = product_dtype(dtype, query.device)
+    if work == dtype:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.to(work)
-    out, weights = sdpa_attention_forward(module, query.to(work), key.to(work), value.to(work), attention_mask, **kwargs)
-    return out.to(query.dtype), weights
+
+    def upcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(work)
+        return sdpa_attention_forward(module, q.to(work), k.to(work), v.to(work), mask, **kwargs)[0].to(dtype)
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        # backward keeps q, k, v in 16 bits and runs the fp32 attention again (cheap beside its
+        # backward) instead of keeping fp32 copies of q, k, v and the output
+        return checkpoint(upcast, query, key, value, attention_mask, use_reentrant=False), None
+    return upcast(query, key, value, attention_mask), None
 
 
 @functools.cache

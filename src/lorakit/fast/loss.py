@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import bases
 from ..arch import family
 from ..bases.compute import product_dtype
 from .precision import frozen_level, products
@@ -35,16 +36,17 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, object]:
     return model, nullcontext()
 
 
-def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(decoder body, plain linear head) when the fused loss applies, else None."""
+def fused_head(model: nn.Module) -> tuple[nn.Module, Tensor] | None:
+    """(decoder body, the head's (vocab, dim) weight) when the fused loss applies, else None."""
     kind = family(model)
     if kind is None or not kind.plain_head:
         return None
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is None or type(head) is not nn.Linear or head.bias is not None:
+    base = bases.frozen_base(head) if isinstance(head, nn.Module) else None
+    if body is None or base is None or not base.fast or base.transposed or base.bias is not None:
         return None  # e.g. a LoRA-wrapped or trainable-copy head: use the plain path
-    return body, head
+    return body, base.dense()
 
 
 # what `model(**kwargs)` may be called with for the fused loss to stand in for transformers' own
@@ -65,11 +67,11 @@ def fused_output(model: nn.Module, kwargs: dict):
         return None
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    body, head = fused
+    body, weight = fused
     inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "num_items_in_batch", "use_cache")}
     target = labels[:, 1:]
     hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]
-    total = linear_cross_entropy(hidden, head.weight, target, chunk=256)
+    total = linear_cross_entropy(hidden, weight, target, chunk=256)
     count = kwargs.get("num_items_in_batch")
     return CausalLMOutputWithPast(loss=total / (count if count is not None else (target != IGNORE).sum()))
 
@@ -84,9 +86,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 256)
     fused = fused_head(inner)
     with scope:
         if fused is not None:
-            body, head = fused
+            body, weight = fused
             hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]
-            return linear_cross_entropy(hidden, head.weight, target, chunk=chunk), n_tokens
+            return linear_cross_entropy(hidden, weight, target, chunk=chunk), n_tokens
         logits = inner(**inputs, use_cache=False).logits[:, :-1]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
     return loss, n_tokens
