@@ -1,0 +1,144 @@
+"""A frozen linear layer stored in 4 bits (QLoRA's NF4/FP4, bitsandbytes' layout), and its base.
+
+`Linear4bit` is lorakit's own module (torch only): the packed weight and its absmax (8-bit with
+double quantization) are buffers, the bias a frozen parameter. Every product de-quantizes the
+whole layer's weight for that product only (never a copy of the model), as QLoRA does, so
+memory holds 4 bits per weight plus one layer in the compute dtype at a time.
+
+Dtypes: `weight_dtype` is the dtype the weight was quantized from and de-quantizes to
+(bitsandbytes' QuantState.dtype); products run in `compute_dtype` when one is configured, else in
+`weight_dtype`, each through `bases.compute.product_dtype` (fp32 for a 16-bit dtype on a CPU that
+only emulates 16-bit products). As bitsandbytes' matmul_4bit, the weight is de-quantized to
+`weight_dtype` first and then cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import quant4
+from .compute import product_dtype
+from .protocol import MergeRefused
+
+MERGE_REFUSED = "this base is 4-bit: merge_and_unload() returns a 16-bit model instead"
+
+
+class Linear4bit(nn.Module):
+    """y = x W^T + b with W held as packed 4-bit codes; frozen (the codes take no gradient)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = False, weight_dtype: torch.dtype = torch.float32,
+                 compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        quant4.check_quant_type(quant_type)
+        quant4.check_blocksize(blocksize)
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.weight_dtype, self.compute_dtype = weight_dtype, compute_dtype
+        n = in_features * out_features
+        blocks = -(-n // blocksize)
+        self.register_buffer("weight", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device))
+        if double_quant:
+            nested = -(-blocks // quant4.ABSMAX_BLOCKSIZE)
+            self.register_buffer("absmax", torch.zeros(blocks, dtype=torch.uint8, device=device))
+            self.register_buffer("nested_absmax", torch.zeros(nested, dtype=torch.float32, device=device))
+            self.register_buffer("offset", torch.zeros((), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(blocks, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device), requires_grad=False) if bias else None
+
+    @torch.no_grad()
+    def quantize_(self, weight: Tensor) -> Linear4bit:
+        """Store an (out, in) float weight, quantized; returns self."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
+        packed, absmax = quant4.quantize_4bit(weight.to(self.weight.device), self.quant_type, self.blocksize)
+        self.weight.copy_(packed)
+        if self.double_quant:
+            codes, nested, offset = quant4.quantize_absmax(absmax)
+            self.absmax.copy_(codes)
+            self.nested_absmax.copy_(nested)
+            self.offset.copy_(offset)
+        else:
+            self.absmax.copy_(absmax)
+        return self
+
+    def block_absmax(self) -> Tensor:
+        """The fp32 absmax of every block (de-quantized first under double quantization)."""
+        if not self.double_quant:
+            return self.absmax
+        return quant4.dequantize_absmax(self.absmax, self.nested_absmax, self.offset)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """W (out, in) in `weight_dtype`, then cast to `dtype` when given."""
+        shape = (self.out_features, self.in_features)
+        w = quant4.dequantize_4bit(self.weight, self.block_absmax(), shape, self.quant_type, self.blocksize,
+                                   self.weight_dtype)
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return Linear4bitBase(self).linear(x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}")
+
+
+def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
+                    compute_dtype: torch.dtype | None = None) -> Linear4bit:
+    """A Linear4bit holding `linear`'s weight quantized (and its bias as is), on its device."""
+    weight = linear.weight
+    layer = Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, quant_type=quant_type,
+                       blocksize=blocksize, double_quant=double_quant, weight_dtype=weight.dtype,
+                       compute_dtype=compute_dtype, device=weight.device)
+    if linear.bias is not None:
+        layer.bias.data.copy_(linear.bias.detach())
+    return layer.quantize_(weight)
+
+
+class Linear4bitBase:
+    """Linear4bit as a FrozenBase: products de-quantize W in the compute dtype; merging refuses."""
+
+    def __init__(self, module: Linear4bit) -> None:
+        self.module = module
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.fast = type(module) is Linear4bit
+        self.transposed = False
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module._parameters.get("bias")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.weight_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.module._buffers["weight"].device
+
+    @property
+    def frozen(self) -> bool:
+        return True
+
+    def compute_dtype(self) -> torch.dtype:
+        return product_dtype(self.module.compute_dtype or self.module.weight_dtype, self.device)
+
+    def linear(self, x: Tensor) -> Tensor:
+        compute = self.compute_dtype()
+        bias = self.bias
+        bias = None if bias is None else bias.to(compute)
+        return F.linear(x.to(compute), self.module.dequantize(compute), bias).to(x.dtype)
+
+    def input_grad(self, grad: Tensor, into: Tensor | None = None) -> Tensor:
+        compute = self.compute_dtype()
+        weight, grad = self.module.dequantize(compute), grad.to(compute)
+        return grad @ weight if into is None else into.addmm_(grad, weight)
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.module.dequantize(dtype)
+
+    def assign(self, weight: Tensor) -> None:
+        raise MergeRefused(MERGE_REFUSED)
