@@ -27,6 +27,7 @@ class Conv1DBase(DenseLinear):
         self.in_features, self.out_features = module.weight.shape
         self.fast = type(module) is conv1d_type()
         self.transposed = True
+        self.mergeable = True
         self._compute = compute_dtype
 
     def linear(self, x: Tensor) -> Tensor:

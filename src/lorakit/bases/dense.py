@@ -18,6 +18,7 @@ class DenseLinear:
         self.out_features, self.in_features = module.weight.shape
         self.fast = type(module) is nn.Linear  # a subclass may compute something else: call it
         self.transposed = False
+        self.mergeable = True
         self._compute = compute_dtype  # None: bases.compute decides per device
 
     # Module.__getattr__ is a Python call; decoding reads these ~200 times a token

@@ -22,7 +22,7 @@ from . import quant4
 from .compute import product_dtype
 from .protocol import MergeRefused
 
-MERGE_REFUSED = "this base is 4-bit: merge_and_unload() returns a 16-bit model instead"
+MERGE_REFUSED = "cannot merge into a 4-bit base (Linear4bit): its weight is stored quantized; keep the adapter unmerged"
 
 
 class Linear4bit(nn.Module):
@@ -106,6 +106,7 @@ class Linear4bitBase:
         self.in_features, self.out_features = module.in_features, module.out_features
         self.fast = type(module) is Linear4bit
         self.transposed = False
+        self.mergeable = False
 
     @property
     def bias(self) -> Tensor | None:

@@ -30,6 +30,7 @@ class FrozenBase(Protocol):
     out_features: int
     fast: bool  # the kernels may call `linear`/`input_grad` instead of the module
     transposed: bool  # the module stores W as (in, out) (PEFT's fan_in_fan_out: GPT-2's Conv1D)
+    mergeable: bool  # `assign` takes merged weights; False: it raises MergeRefused (checked before any merge)
 
     @property
     def dtype(self) -> torch.dtype: ...

@@ -106,6 +106,9 @@ class LoraLayer(nn.Module):
         """Write a merged weight back into the base."""
         raise NotImplementedError
 
+    def check_mergeable(self) -> None:
+        """Raise MergeRefused when this layer's base cannot take merged weights (nothing changes)."""
+
     def _pending(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else adapter_names
         return [n for n in names if n in self.r and n not in self.merged_adapters]

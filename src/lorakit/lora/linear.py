@@ -120,6 +120,10 @@ class Linear(LoraLayer):
     def _delta(self, name: str) -> Tensor:
         return LF.delta_weight(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
+    def check_mergeable(self) -> None:
+        if not self.base.mergeable:
+            self.base.assign(self.base.dense())  # the base's own refusal, before anything is merged
+
     def _weight(self) -> Tensor:
         return self.base.dense()
 

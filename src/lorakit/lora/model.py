@@ -217,6 +217,8 @@ class LoraModel(nn.Module):
         for name in names:
             self._check_name(name)
         layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:  # a base that refuses merges refuses before any layer is merged
+            layer.check_mergeable()
         if safe_merge:  # check every layer first, so that a refusal leaves the model untouched
             for layer in layers:
                 if not layer.merge_is_finite(names):
