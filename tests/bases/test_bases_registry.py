@@ -34,7 +34,7 @@ def test_the_one_error_names_module_type_and_what_is_adaptable():
     with pytest.raises(TypeError) as err:
         bases.check_adaptable("model.conv", nn.Conv2d(1, 1, 1))
     assert str(err.value) == (
-        "cannot adapt module 'model.conv' of type Conv2d; adaptable types are torch.nn.Linear, "
+        "cannot adapt module 'model.conv' of type Conv2d; adaptable types are lorakit's GGUFLinear, torch.nn.Linear, "
         "transformers' Conv1D, torch.nn.Embedding"
     )
     model = tiny_llama()

@@ -13,6 +13,7 @@ from torch import nn
 
 from .conv1d import Conv1DBase, conv1d_type
 from .dense import DenseLinear
+from .gguf_linear import GGUFBase, GGUFLinear
 from .protocol import FrozenBase
 
 # (what it is called in messages, the module type or a function giving it, the FrozenBase factory)
@@ -29,6 +30,7 @@ def register(label: str, module_type: type | Callable[[], type | None],
 
 register("torch.nn.Linear", nn.Linear, DenseLinear)
 register("transformers' Conv1D", conv1d_type, Conv1DBase)
+register("lorakit's GGUFLinear", GGUFLinear, GGUFBase, first=True)
 
 
 def frozen_base(module: nn.Module) -> FrozenBase | None:
