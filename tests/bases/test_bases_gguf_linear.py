@@ -55,7 +55,8 @@ def test_products_are_those_of_the_dequantized_weight(qtype, bias):
     assert base.input_grad(g, into=acc) is acc
     torch.testing.assert_close(acc, 1 + g @ w)
     assert torch.equal(base.dense(), w) and base.dense(torch.float64).dtype == torch.float64
-    assert (base.in_features, base.out_features, base.dtype, base.device) == (256, 24, torch.float32, torch.device("cpu"))
+    assert (base.in_features, base.out_features, base.dtype) == (256, 24, torch.float32)
+    assert base.device == torch.device("cpu")
     assert (base.fast, base.transposed, base.frozen, base.compute_dtype()) == (True, False, True, torch.float32)
 
 
@@ -148,7 +149,8 @@ def test_lora_trains_over_packed_bases_and_merging_is_refused(dropout):
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all("lora_" in k for k in moved)
     assert any("lora_B" in k for k in moved)  # B starts at zero: the adapters really changed
-    assert {k for k in after if k.endswith("blocks")} == {"base_model.model.0.base_layer.blocks", "base_model.model.2.base_layer.blocks"}
+    packed = {k for k in after if k.endswith("blocks")}
+    assert packed == {f"base_model.model.{i}.base_layer.blocks" for i in (0, 2)}
 
     model.eval()
     out = model(x)

@@ -55,7 +55,8 @@ class GGUFLinear(nn.Module):
     def rows(self, start: int, stop: int) -> Tensor:
         """W[start:stop] (stop - start, in) in the compute dtype, freshly de-quantized."""
         shape = (self.out_features, self.in_features)
-        return gguf_blocks.dequantize_rows(self.blocks, self.qtype, shape, start, stop, self.name).to(self.compute_dtype)
+        rows = gguf_blocks.dequantize_rows(self.blocks, self.qtype, shape, start, stop, self.name)
+        return rows.to(self.compute_dtype)
 
     def dense(self) -> Tensor:
         """The whole W (out, in) in the compute dtype: a new tensor each call."""
@@ -92,7 +93,8 @@ class GGUFLinear(nn.Module):
     forward = linear
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.kind}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.kind}, "
+                f"bias={self.bias is not None}")
 
 
 class _Product(torch.autograd.Function):
