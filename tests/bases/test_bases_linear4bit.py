@@ -77,7 +77,7 @@ def test_bf16_weight_dequantizes_to_bf16_and_multiplies_in_the_compute_dtype():
 
 def test_merging_is_refused_in_one_line():
     base = bases.frozen_base(quantize_linear(linear()))
-    with pytest.raises(bases.MergeRefused, match="^this base is 4-bit: merge_and_unload\\(\\) returns a 16-bit model instead$"):
+    with pytest.raises(bases.MergeRefused, match=r"^cannot merge into a 4-bit base \(Linear4bit\): its weight is stored quantized; keep the adapter unmerged$"):
         base.assign(base.dense())
     assert "\n" not in MERGE_REFUSED
 
@@ -181,3 +181,24 @@ def test_merging_a_4bit_model_is_refused_and_leaves_it_untouched(how):
     assert not any(isinstance(m, Linear) and m.merged for m in peft.modules())
     with torch.no_grad():
         assert torch.equal(logits(peft, ids), out)
+
+
+def test_a_model_with_one_4bit_layer_refuses_to_merge_before_merging_any():
+    """Dense layers and one 4-bit layer: the refusal comes before the dense layers are touched."""
+    import pytest as _pytest
+
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.bases import MergeRefused
+    from lorakit.bases.linear4bit import quantize_linear
+    from tinymodels import tiny_llama
+
+    base = tiny_llama()
+    mlp = base.model.layers[1].mlp
+    mlp.down_proj = quantize_linear(mlp.down_proj)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with _pytest.raises(MergeRefused, match="^cannot merge into a 4-bit base"):
+        model.merge_adapter()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(layer.merged for _, layer in model.base_model.lora_layers())

@@ -35,7 +35,7 @@ def test_the_one_error_names_module_type_and_what_is_adaptable():
         bases.check_adaptable("model.conv", nn.Conv2d(1, 1, 1))
     assert str(err.value) == (
         "cannot adapt module 'model.conv' of type Conv2d; adaptable types are torch.nn.Linear, "
-        "transformers' Conv1D, lorakit's 4-bit Linear4bit, torch.nn.Embedding"
+        "transformers' Conv1D, lorakit's 4-bit Linear4bit, lorakit's GGUFLinear, torch.nn.Embedding"
     )
     model = tiny_llama()
     with pytest.raises(TypeError, match="^cannot adapt module 'model.norm' of type LlamaRMSNorm; adaptable types are"):

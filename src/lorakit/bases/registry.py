@@ -13,6 +13,7 @@ from torch import nn
 
 from .conv1d import Conv1DBase, conv1d_type
 from .dense import DenseLinear
+from .gguf_linear import GGUFBase, GGUFLinear
 from .linear4bit import Linear4bit, Linear4bitBase
 from .protocol import FrozenBase
 
@@ -31,6 +32,7 @@ def register(label: str, module_type: type | Callable[[], type | None],
 register("torch.nn.Linear", nn.Linear, DenseLinear)
 register("transformers' Conv1D", conv1d_type, Conv1DBase)
 register("lorakit's 4-bit Linear4bit", Linear4bit, Linear4bitBase)
+register("lorakit's GGUFLinear", GGUFLinear, GGUFBase)
 
 
 def frozen_base(module: nn.Module) -> FrozenBase | None:
