@@ -3,6 +3,7 @@
 from .cache import build_dir_once, cache_dir
 from .embedded import BUILTIN_MODELS, BuiltinModel, builtin_gguf_path
 from .gguf import convert_gguf, converted_gguf_dir
+from .gguf_packed import load_packed_gguf
 from .inference import (
     DEFAULT_MODEL,
     base_model_of,
@@ -28,6 +29,7 @@ __all__ = [
     "ensure_pad_token",
     "load_for_inference",
     "load_model",
+    "load_packed_gguf",
     "model_is_available",
     "pick_device",
     "pick_dtype",

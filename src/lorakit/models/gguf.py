@@ -10,21 +10,40 @@ import hashlib
 import importlib.util
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cache import build_dir_once, cache_dir
 from .tokens import ensure_pad_token
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise `gguf_path` to float32 and save model, tokenizer and chat template in `out_dir`."""
+
+def require_gguf() -> None:
+    """Raise ModuleNotFoundError naming the extras that reading GGUF through transformers needs."""
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModuleNotFoundError(f"loading GGUF needs {', '.join(missing)}: pip install 'lorakit[gguf]'")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(src, gguf_file=name))
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype="float32")
+
+def gguf_tokenizer(gguf_path: Path, context_length: int) -> PreTrainedTokenizerBase:
+    """The tokenizer transformers builds from `gguf_path`'s metadata, pad token set; GGUF gives no
+    length limit, so the context length is one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name))
+    if tokenizer.model_max_length > 10**20:
+        tokenizer.model_max_length = context_length
+    return tokenizer
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise `gguf_path` to float32 and save model, tokenizer and chat template in `out_dir`."""
+    require_gguf()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32")
+    tokenizer = gguf_tokenizer(gguf_path, model.config.max_position_embeddings)
     # The weights are plain floats now; a kept quantization_config would make later
     # loads look for the GGUF file again.
     if hasattr(model.config, "quantization_config"):
@@ -32,8 +51,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.hf_quantizer = None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.model_max_length > 10**20:  # GGUF gives no limit; the context length is one
-        tokenizer.model_max_length = model.config.max_position_embeddings
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 

@@ -84,17 +84,38 @@ def pick_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def packed_gguf_path(name_or_path: str) -> Path:
+    """The GGUF file a packed load reads: a built-in model's, or a ``.gguf`` path as given."""
+    key = name_or_path.lower()
+    if key in BUILTIN_MODELS:
+        return builtin_gguf_path(key)
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"packed=True loads a .gguf file or a built-in model ({', '.join(BUILTIN_MODELS)}), "
+                         f"not {name_or_path!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"model path not found: {name_or_path}")
+    return path
+
+
 def load_model(
-    name_or_path: str, *, dtype: DType = None, device: Device = None
+    name_or_path: str, *, dtype: DType = None, device: Device = None, packed: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (pad token always set) from any `--model` value.
 
-    Returns ``(model, tokenizer)``; the model is in eval mode on `device`.
+    Returns ``(model, tokenizer)``; the model is in eval mode on `device`. `packed=True` (a
+    ``.gguf`` file or a built-in model) keeps the decoder's linear weights in the file's GGUF
+    blocks instead of converting them to dense tensors (`models.gguf_packed`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
     dev = pick_device(device)
+    if packed:
+        from .gguf_packed import load_packed_gguf
+
+        model, tokenizer = load_packed_gguf(packed_gguf_path(name_or_path), dtype=pick_dtype(dtype, dev))
+        return model.to(dev).eval(), tokenizer
+    path = resolve_model_path(name_or_path)
     try:
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev))

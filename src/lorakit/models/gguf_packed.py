@@ -1,0 +1,209 @@
+"""Loading a GGUF file as a packed model: the decoder's linear weights stay in the file's blocks.
+
+`load_packed_gguf` builds the transformers model from the config transformers derives from the
+GGUF's metadata, with its parameters on the meta device (nothing allocated), then fills it:
+every linear layer of the decoder (attention q/k/v/o, MLP gate/up/down) becomes a `GGUFLinear`
+over the file's bytes, read through gguf's memory map without a copy; everything else (norms,
+embeddings, an untied head) is de-quantized to float32, bit-exact with gguf-py and so with the
+dense conversion (`models.gguf.convert_gguf`). A Q4_1 layer takes 0.625 bytes a value where the
+dense model takes 4.
+
+Tensor names map through gguf's own table (`gguf.get_tensor_name_map`), written once in
+`gguf_names`. llama.cpp's converter stores the rows of attn_q and attn_k permuted for its rotary
+layout; since a row is whole blocks, `unpermute_rows` undoes that on the bytes (one uint8 copy of
+those two weights), never de-quantizing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..bases import gguf_blocks
+from ..bases.gguf_linear import GGUFLinear
+from .gguf import gguf_tokenizer, require_gguf
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class PackedArch:
+    """How one GGUF architecture (`general.architecture`) is read packed."""
+
+    arch: str  # gguf.MODEL_ARCH member name
+    rope_permuted: bool  # attn_q/attn_k rows stored in llama.cpp's rotary order
+
+
+# Only families whose converter lorakit has checked; others load through the dense conversion.
+PACKED_ARCHS: dict[str, PackedArch] = {
+    "llama": PackedArch("LLAMA", rope_permuted=True),
+}
+
+
+def gguf_names(hf_names: Iterable[str], arch: str, n_blocks: int) -> dict[str, str]:
+    """transformers parameter name -> GGUF tensor name (``model.layers.3.self_attn.q_proj.weight``
+    -> ``blk.3.attn_q.weight``), by gguf's table for MODEL_ARCH `arch`; names it lacks are left out."""
+    import gguf
+
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], n_blocks)
+    found = {}
+    for name in hf_names:
+        mapped = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is not None:
+            found[name] = mapped
+    return found
+
+
+def unpermute_rows(rows: Tensor, n_head: int) -> Tensor:
+    """Undo llama.cpp's rotary permutation of a q or k weight's rows (or a bias), on any dtype.
+
+    The converter views the (n_head * 2 * half, ...) rows as (n_head, 2, half) and swaps the last
+    two axes: file row (h, d, s) holds model row (h, s, d). Viewing the file's rows as
+    (n_head, half, 2) and swapping back restores the model's order.
+    """
+    half = rows.shape[0] // n_head // 2
+    if n_head * 2 * half != rows.shape[0]:
+        raise ValueError(f"{rows.shape[0]} rows do not split into {n_head} heads of rotary pairs")
+    return rows.reshape(n_head, half, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape).contiguous()
+
+
+def _raw(tensor) -> Tensor:
+    """A gguf ReaderTensor's bytes as a flat uint8 tensor over the reader's memory map (no copy)."""
+    data = np.asarray(tensor.data)
+    return torch.from_numpy(data.reshape(-1).view(np.uint8))
+
+
+def _shape(tensor) -> tuple[int, ...]:
+    """torch's shape of a ReaderTensor: the reverse of the `ne` GGUF lists."""
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _heads(config, gguf_name: str) -> int | None:
+    """The heads whose rotary pairs a q or k tensor's rows are permuted by; None for other tensors."""
+    kind = gguf_name.split(".")[-2]
+    if kind == "attn_q":
+        return config.num_attention_heads
+    if kind == "attn_k":
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+def _set_parameter(model: nn.Module, name: str, value: Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    old = module._parameters[leaf]
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, new)
+
+
+def _is_decoder_linear(module: nn.Module, gguf_name: str | None) -> bool:
+    return isinstance(module, nn.Linear) and gguf_name is not None and gguf_name.startswith("blk.")
+
+
+def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
+                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `path` with its decoder linears kept as GGUF blocks; returns ``(model, tokenizer)``.
+
+    The model is on the CPU in eval mode; its packed layers share memory with the file's map
+    (copy-on-write, the file is never written). `dtype` is the dtype of the dense tensors and of
+    the packed layers' products (float32: exactly the dense conversion's values).
+    """
+    require_gguf()
+    import gguf
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    reader = gguf.GGUFReader(path, "c")  # copy-on-write map: writable tensors, the file untouched
+    file_arch = _field(reader, "general.architecture")
+    arch = PACKED_ARCHS.get(file_arch)
+    if arch is None:
+        known = ", ".join(PACKED_ARCHS)
+        raise ValueError(f"{path.name}: a packed load reads GGUF architectures {known}, not {file_arch!r}; "
+                         "load it through the dense conversion instead (lorakit.load_model)")
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tokenizer = gguf_tokenizer(path, config.max_position_embeddings)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    with init_empty_weights():  # parameters on meta; buffers (rotary tables) made for real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    tensors = {t.name: t for t in reader.tensors}
+    params = dict(model.named_parameters())
+    names = gguf_names(params, arch.arch, config.num_hidden_layers)
+
+    def read(hf_name: str):
+        gguf_name = names.get(hf_name)
+        if gguf_name is None or gguf_name not in tensors:
+            raise ValueError(f"{path.name}: no GGUF tensor for {hf_name} (looked for {gguf_name!r})")
+        return gguf_name, tensors[gguf_name]
+
+    def dense(hf_name: str) -> Tensor:
+        gguf_name, tensor = read(hf_name)
+        value = gguf_blocks.dequantize(_raw(tensor), tensor.tensor_type, _shape(tensor), gguf_name)
+        heads = _heads(config, gguf_name) if arch.rope_permuted else None
+        value = value if heads is None else unpermute_rows(value, heads)
+        if value.shape != params[hf_name].shape:
+            raise ValueError(f"{path.name}: {gguf_name} has shape {tuple(value.shape)}, "
+                             f"the model's {hf_name} {tuple(params[hf_name].shape)}")
+        return value.to(dtype)
+
+    packed = set()
+    for name, module in list(model.named_modules()):
+        if not _is_decoder_linear(module, names.get(f"{name}.weight")):
+            continue
+        gguf_name, tensor = read(f"{name}.weight")
+        out_features, in_features = _shape(tensor)
+        if (out_features, in_features) != (module.out_features, module.in_features):
+            raise ValueError(f"{path.name}: {gguf_name} is ({out_features}, {in_features}), "
+                             f"the model's {name} ({module.out_features}, {module.in_features})")
+        blocks = _raw(tensor)
+        heads = _heads(config, gguf_name) if arch.rope_permuted else None
+        if heads is not None:  # whole rows of bytes move; nothing is de-quantized
+            blocks = unpermute_rows(blocks.reshape(out_features, -1), heads)
+        bias = dense(f"{name}.bias") if module.bias is not None else None
+        _replace_module(model, name, GGUFLinear(blocks, tensor.tensor_type, out_features, in_features, bias,
+                                                name=gguf_name, compute_dtype=dtype))
+        packed.update((f"{name}.weight", f"{name}.bias"))
+
+    head = model.get_output_embeddings()
+    tied = {f"{n}.weight" for n, m in model.named_modules() if m is head} if config.tie_word_embeddings else set()
+    for name in params:
+        if name not in packed and name not in tied:
+            _set_parameter(model, name, dense(name))
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise ValueError(f"{path.name}: no GGUF tensor filled {', '.join(on_meta)}")
+    return model.eval(), tokenizer
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes held by `model`'s parameters and buffers, a tied tensor counted once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.data_ptr(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
