@@ -16,9 +16,11 @@ _EXPORTS = {
     "LoraConfig": "lora.config",
     "LoraModel": "lora.model",
     "PeftModel": "lora.peft_model",
+    "QuantConfig": "bases.quant_config",
     "get_peft_model": "lora.peft_model",
     "estimate": "estimate",
     "frozen_matmul_precision": "fast.precision",
+    "quantize_model": "models.quantize",
 }
 # PEFT's task-specific class is the same handle here: lorakit passes every call through.
 _ALIASES = {"PeftModelForCausalLM": ("lora.peft_model", "PeftModel")}
