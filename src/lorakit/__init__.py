@@ -20,7 +20,9 @@ _EXPORTS = {
     "get_peft_model": "lora.peft_model",
     "estimate": "estimate",
     "frozen_matmul_precision": "fast.precision",
+    "load_quantized": "models.quantized",
     "quantize_model": "models.quantize",
+    "save_quantized": "models.quantized",
 }
 # PEFT's task-specific class is the same handle here: lorakit passes every call through.
 _ALIASES = {"PeftModelForCausalLM": ("lora.peft_model", "PeftModel")}

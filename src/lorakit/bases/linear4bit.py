@@ -47,7 +47,7 @@ class Linear4bit(nn.Module):
             self.register_buffer("offset", torch.zeros((), dtype=torch.float32, device=device))
             # the 8-bit map the absmax codes index (a file may carry its own: bitsandbytes' CPU
             # kernel writes -1 for the dynamic map's lowest value)
-            self.register_buffer("nested_quant_map", quant4.dynamic_map().to(device), persistent=True)
+            self.register_buffer("nested_quant_map", quant4.dynamic_map().to(device, copy=True))
         else:
             self.register_buffer("absmax", torch.zeros(blocks, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device), requires_grad=False) if bias else None
