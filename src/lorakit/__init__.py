@@ -20,6 +20,7 @@ _EXPORTS = {
     "get_peft_model": "lora.peft_model",
     "estimate": "estimate",
     "frozen_matmul_precision": "fast.precision",
+    "load_model": "models.load",
     "load_quantized": "models.quantized",
     "quantize_model": "models.quantize",
     "save_quantized": "models.quantized",
