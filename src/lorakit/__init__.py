@@ -16,9 +16,14 @@ _EXPORTS = {
     "LoraConfig": "lora.config",
     "LoraModel": "lora.model",
     "PeftModel": "lora.peft_model",
+    "QuantConfig": "bases.quant_config",
     "get_peft_model": "lora.peft_model",
     "estimate": "estimate",
     "frozen_matmul_precision": "fast.precision",
+    "load_model": "models.load",
+    "load_quantized": "models.quantized",
+    "quantize_model": "models.quantize",
+    "save_quantized": "models.quantized",
 }
 # PEFT's task-specific class is the same handle here: lorakit passes every call through.
 _ALIASES = {"PeftModelForCausalLM": ("lora.peft_model", "PeftModel")}

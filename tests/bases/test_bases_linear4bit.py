@@ -56,7 +56,7 @@ def test_the_weight_is_stored_in_bitsandbytes_layout():
     codes, nested, offset = quant4.quantize_absmax(absmax)
     assert double.absmax.dtype == torch.uint8 and torch.equal(double.absmax, codes)
     assert torch.equal(double.nested_absmax, nested) and torch.equal(double.offset, offset)
-    assert set(dict(double.named_buffers())) == {"weight", "absmax", "nested_absmax", "offset"}
+    assert set(dict(double.named_buffers())) == {"weight", "absmax", "nested_absmax", "offset", "nested_quant_map"}
     # de-quantized absmax are close, so the weights are close
     torch.testing.assert_close(double.dequantize(), layer.dequantize(), rtol=0, atol=0.02 * float(absmax.max()))
 

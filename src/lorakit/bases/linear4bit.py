@@ -45,6 +45,9 @@ class Linear4bit(nn.Module):
             self.register_buffer("absmax", torch.zeros(blocks, dtype=torch.uint8, device=device))
             self.register_buffer("nested_absmax", torch.zeros(nested, dtype=torch.float32, device=device))
             self.register_buffer("offset", torch.zeros((), dtype=torch.float32, device=device))
+            # the 8-bit map the absmax codes index (a file may carry its own: bitsandbytes' CPU
+            # kernel writes -1 for the dynamic map's lowest value)
+            self.register_buffer("nested_quant_map", quant4.dynamic_map().to(device, copy=True))
         else:
             self.register_buffer("absmax", torch.zeros(blocks, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device), requires_grad=False) if bias else None
@@ -61,6 +64,7 @@ class Linear4bit(nn.Module):
             self.absmax.copy_(codes)
             self.nested_absmax.copy_(nested)
             self.offset.copy_(offset)
+            self.nested_quant_map.copy_(quant4.dynamic_map())
         else:
             self.absmax.copy_(absmax)
         return self
@@ -69,7 +73,7 @@ class Linear4bit(nn.Module):
         """The fp32 absmax of every block (de-quantized first under double quantization)."""
         if not self.double_quant:
             return self.absmax
-        return quant4.dequantize_absmax(self.absmax, self.nested_absmax, self.offset)
+        return quant4.dequantize_absmax(self.absmax, self.nested_absmax, self.offset, values=self.nested_quant_map)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """W (out, in) in `weight_dtype`, then cast to `dtype` when given."""

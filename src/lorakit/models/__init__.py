@@ -13,6 +13,8 @@ from .inference import (
     quiet_loading,
 )
 from .load import load_model, pick_device, pick_dtype, resolve_model_path
+from .quantize import quantize_model
+from .quantized import load_quantized, save_quantized
 from .tokens import ensure_pad_token
 
 __all__ = [
@@ -30,9 +32,12 @@ __all__ = [
     "load_for_inference",
     "load_model",
     "load_packed_gguf",
+    "load_quantized",
     "model_is_available",
     "pick_device",
     "pick_dtype",
+    "quantize_model",
     "quiet_loading",
     "resolve_model_path",
+    "save_quantized",
 ]

@@ -17,6 +17,8 @@ from .tokens import ensure_pad_token
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from ..bases.quant_config import QuantConfig
+
 DType = Union[None, Literal["auto", "float32", "bfloat16", "float16"], torch.dtype]
 Device = Union[None, Literal["auto", "cpu", "cuda", "mps"], str, torch.device]
 
@@ -99,17 +101,35 @@ def packed_gguf_path(name_or_path: str) -> Path:
 
 
 def load_model(
-    name_or_path: str, *, dtype: DType = None, device: Device = None, packed: bool = False
+    name_or_path: str, *, dtype: DType = None, device: Device = None,
+    quantization: QuantConfig | str | None = None, packed: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (pad token always set) from any `--model` value.
 
-    Returns ``(model, tokenizer)``; the model is in eval mode on `device`. `packed=True` (a
-    ``.gguf`` file or a built-in model) keeps the decoder's linear weights in the file's GGUF
-    blocks instead of converting them to dense tensors (`models.gguf_packed`).
+    Returns ``(model, tokenizer)``; the model is in eval mode on `device`.
+
+    `packed=True` (a ``.gguf`` file or a built-in model) keeps the decoder's linear weights in the
+    file's GGUF blocks instead of converting them to dense tensors (`models.gguf_packed`).
+
+    `quantization` (a QuantConfig, "nf4" or "fp4") stores every linear layer but the output head
+    in 4 bits (lorakit's Linear4bit). Today that loads the full-precision model on the CPU first
+    and then quantizes it layer by layer (`quantize_model`), so peak memory is the full model
+    plus one layer; a streaming loader that never holds the full-precision model is still to
+    come. A directory already saved in 4 bits (a bitsandbytes `quantization_config`, as
+    transformers or `save_quantized` write it) loads through `load_quantized` whatever
+    `quantization` says: its layers stay as stored, `dtype` does not cast them, and the
+    full-precision weights never exist.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..bases.quant_config import QuantConfig
+    from .quantize import quantize_model
+    from .quantized import bnb_4bit_config, load_quantized
+
+    config = None if quantization is None else QuantConfig.coerce(quantization)
     dev = pick_device(device)
+    if packed and config is not None:
+        raise ValueError("packed=True keeps the GGUF file's own quantized blocks; quantization does not apply to it")
     if packed:
         from .gguf_packed import load_packed_gguf
 
@@ -118,6 +138,8 @@ def load_model(
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(path))
+        if Path(path).is_dir() and bnb_4bit_config(path) is not None:
+            return load_quantized(path).to(dev).eval(), tokenizer
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev))
     except OSError as e:
         if Path(path).is_dir():
@@ -126,4 +148,6 @@ def load_model(
         raise OSError(
             f"could not load {name_or_path!r} as a hub id (built-in models: {builtins}): {e}"
         ) from e
+    if config is not None:
+        model = quantize_model(model, config)
     return model.to(dev).eval(), tokenizer
