@@ -10,7 +10,7 @@ import torch
 
 from lorakit.train.checkpoint import (find_checkpoints, flatten_optimizer, latest_checkpoint, load_checkpoint,
                                       save_checkpoint, unflatten_optimizer)
-from lorakit.train.rundir import atomic_dir
+from lorakit.lora.io import atomic_dir
 
 
 def trained_optimizer(seed: int = 0):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -25,6 +23,7 @@ def merge_adapter_to_dir(
     """
     import torch
 
+    from ..lora.io import atomic_dir
     from ..models.inference import load_for_inference
 
     out = Path(out_dir).expanduser().absolute()
@@ -35,16 +34,10 @@ def merge_adapter_to_dir(
         raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
     peft, tokenizer = load_for_inference(model_name, [adapter_path], dtype="float32", device="cpu")
     merged = peft.merge_and_unload().to(getattr(torch, dtype or "float32"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model dir is normally shared
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -55,17 +48,3 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output dir {out} is not empty; pass --overwrite to replace it")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an old `out` is moved aside first and deleted only once `tmp` is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,11 +1,15 @@
-"""Adapter files: PEFT's key naming (one pure function, used for save and load) and atomic writes."""
+"""Adapter files: PEFT's key naming (one pure function, used for save and load) and atomic writes
+of files and whole directories."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
@@ -66,3 +70,49 @@ def load_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
     if os.path.isfile(legacy):
         return torch.load(legacy, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a rename inside `path` (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; on success it is renamed to `final` in one step.
+
+    Readers see the old `final` (if any) or the complete new one, never a half-written one.
+    On error, or if the process dies, only a `.tmp-*` sibling is left (see `clean_temp_dirs`).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
+        if final.exists():  # replace: move the old one aside first, since rename cannot replace a dir
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}-", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from torch import Tensor, nn
 
 from ..bases import quant4
 from ..bases.linear4bit import Linear4bit
-from ..lora.io import atomic_write_bytes, save_tensors
+from ..lora.io import atomic_dir, atomic_write_bytes, save_tensors
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -96,16 +94,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(list(layers.values()), dense)
     out = Path(directory).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_tensors(tensors, tmp / WEIGHTS_NAME)
         atomic_write_bytes(tmp / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-        os.chmod(tmp, 0o755)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model dir is normally shared
     return out
 
 
@@ -121,22 +113,6 @@ def _without_tied_copies(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         seen.add(ident)
         out[key] = value
     return out
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an old `out` is moved aside first and deleted once `tmp` is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .rundir import atomic_dir, clean_temp_dirs, remove
+from lorakit.lora.io import atomic_dir
+
+from .rundir import clean_temp_dirs, remove
 
 STEP_DIR = re.compile(r"step-(\d+)")
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json")

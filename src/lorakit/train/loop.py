@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lorakit.fast.allocator import prepare_cpu_training
 from lorakit.data import Example, collate, pad_token_id
-from lorakit.lora.io import atomic_write_bytes
+from lorakit.lora.io import atomic_dir, atomic_write_bytes
 from lorakit.fast.loss import causal_lm_loss
 from lorakit.models import load_model, pick_device, pick_dtype
 from lorakit.fast.precision import frozen_matmul_precision
@@ -36,7 +36,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog, Progress, keep_until, read_metrics
 from .plot import plot_losses
-from .rundir import atomic_dir, check_output_dir, prepare_output_dir, remove
+from .rundir import check_output_dir, prepare_output_dir, remove
 from .schedule import lr_factor, warmup_steps_for
 from .world import World, all_sum, barrier, join_process_group, launched_world, train_device
 
