@@ -56,6 +56,21 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def adamw_losses(model: nn.Module, params: list, steps: int, lr: float = 1e-2) -> list[float]:
+    """Train `model` in train mode on one fixed random batch (vocab 100) for `steps` AdamW steps."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 # A saved model directory with a chat tokenizer, for tests that load models by path.
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -10,7 +10,7 @@ from lorakit import LoraConfig, bases, get_peft_model
 from lorakit.bases import quant4
 from lorakit.bases.linear4bit import MERGE_REFUSED, Linear4bit, Linear4bitBase, quantize_linear
 from lorakit.lora.linear import Linear
-from tinymodels import logits, tiny_llama
+from tinymodels import adamw_losses, logits, tiny_llama
 
 
 def linear(in_features: int = 96, out_features: int = 40, bias: bool = True, dtype=torch.float32) -> nn.Linear:
@@ -113,16 +113,7 @@ def test_a_4bit_llama_trains_and_only_adapters_move():
     params = {n: p.detach().clone() for n, p in peft.named_parameters()}
     trainable = [p for p in peft.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in peft.named_parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    peft.train()
-    losses = []
-    for _ in range(6):
-        loss = peft(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adamw_losses(peft, trainable, steps=6)
     assert losses[-1] < losses[0] - 0.05
     moved = {n for n, p in peft.named_parameters() if not torch.equal(p.detach(), params[n])}
     assert moved and all("lora_" in n for n in moved)

@@ -9,7 +9,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraConfig, QuantConfig, get_peft_model, quantize_model
 from lorakit.bases.linear4bit import Linear4bit
-from tinymodels import logits, tiny_llama
+from tinymodels import adamw_losses, logits, tiny_llama
 
 PROJECTIONS = 14  # 2 blocks x (q, k, v, o, gate, up, down)
 
@@ -100,14 +100,5 @@ def test_a_quantized_llama_trains_with_lora():
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     trainable = [p for p in peft.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in peft.named_parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    peft.train()
-    losses = []
-    for _ in range(6):
-        loss = peft(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adamw_losses(peft, trainable, steps=6)
     assert losses[-1] < losses[0] - 0.05
