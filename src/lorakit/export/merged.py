@@ -27,7 +27,7 @@ def merge_adapter_to_dir(
     from ..models.inference import load_for_inference
 
     out = Path(out_dir).expanduser().absolute()
-    _check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     if Path(adapter_path).absolute() == out:
         raise ValueError(f"the output dir {out} is the adapter itself; choose another --output")
     if dtype not in (None, "float32", "bfloat16", "float16"):
@@ -41,7 +41,8 @@ def merge_adapter_to_dir(
     return out
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty directory unless `overwrite`."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
