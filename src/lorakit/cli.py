@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "serve": "lorakit.commands.serve",
     "merge": "lorakit.commands.merge",
     "inspect": "lorakit.commands.inspect",
+    "check": "lorakit.commands.check",
     "estimate": "lorakit.commands.estimate",
 }
 

@@ -25,7 +25,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     directory = Path(path)
     check_adapter_dir(directory)
     config = LoraConfig.from_pretrained(directory)
-    table = _tensor_table(directory)
+    table = tensor_table(directory)
     shapes = {k: shape for k, (shape, _) in table.items()}
     # lora_A is (r, in_features), lora_embedding_A (r, num_embeddings): one per adapted module
     ranks = {key.rsplit(".lora_", 1)[0]: shape[0] for key, shape in shapes.items() if key.endswith(_LORA_A)}
@@ -62,7 +62,7 @@ def _weights_file(directory: Path) -> Path:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}")
 
 
-def _tensor_table(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def tensor_table(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor's (shape, dtype); safetensors are read from the header alone."""
     weights = _weights_file(directory)
     if weights.name == WEIGHTS_NAME:

@@ -112,6 +112,11 @@ class TrainConfig(LoraOptions):
         "highest is exact fp32; medium takes bf16 operands on CPUs with AMX and TF32 on NVIDIA GPUs "
         "(faster, ~1e-3 relative error in those products); attention and the adapters stay exact")
     quiet: bool = _opt(False, "plain log lines instead of a progress bar")
+    report_to: list[str] | str = _opt("none", "also log to tensorboard (output_dir/tensorboard) and/or wandb "
+                                      "(offline unless WANDB_MODE is set); a list allowed; none: metrics.jsonl only")
+    serve_target: list[str] | str | None = _opt(None, "check at start that the adapter will load in these "
+                                                "(vllm, lorax, llama.cpp, ollama, peft; see lorakit check); "
+                                                "a failed rule stops the run before training")
     distributed: Literal["auto", "none", "ddp", "fsdp"] = _opt(
         "auto", "under torchrun: ddp all-reduces the adapter's gradients, fsdp also shards the base "
         "across processes; auto = ddp when several processes run; one process ignores it")
@@ -165,8 +170,18 @@ class TrainConfig(LoraOptions):
             raise ConfigError("resume: expected 'latest' or a checkpoint path, got ''")
         if self.method == "full" and self.frozen_matmul_precision != "highest":
             raise ConfigError("frozen_matmul_precision: method full has no frozen weights; leave it at highest")
+        _check_reporting(self)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+    def reporters(self) -> list[str]:
+        """report_to as a list of names, without 'none'."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [n for n in names if n != "none"]
+
+    def serve_targets(self) -> list[str]:
+        return [] if self.serve_target is None else (
+            [self.serve_target] if isinstance(self.serve_target, str) else list(self.serve_target))
 
     def lora_config(self, **metadata: Any) -> LoraConfig:
         """The LoraConfig this recipe trains; `metadata` sets NOT_IN_RECIPE fields. Its errors are ConfigErrors."""
@@ -334,6 +349,29 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
     if not any(_fits(value, o) for o in options):
         raise ConfigError(f"{name}: expected {_describe(hint)}, got {value!r}")
+
+
+def _check_reporting(config: TrainConfig) -> None:
+    """report_to names and their packages (found, not imported), serve_target names."""
+    import importlib.util
+
+    from lorakit.train.reporting import REPORTERS
+
+    for name in config.reporters():
+        if name not in REPORTERS:
+            raise ConfigError(f"report_to: unknown {name!r}; expected {', '.join(REPORTERS)} or none")
+        if importlib.util.find_spec(REPORTERS[name].package) is None:
+            raise ConfigError(f"report_to: {name} needs the {REPORTERS[name].package} package: "
+                              f"pip install 'lorakit[{name}]'")
+    if config.serve_target is not None:
+        from lorakit.export.check import check_targets
+
+        if config.method != "lora":
+            raise ConfigError("serve_target: checks a LoRA adapter; method full trains none")
+        try:
+            check_targets(config.serve_targets())
+        except ValueError as err:
+            raise ConfigError(f"serve_target: {err}") from None
 
 
 def _at_least(name: str, value: int, low: int) -> None:

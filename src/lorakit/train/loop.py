@@ -231,7 +231,8 @@ class _Run:
         # per-example counts, so a step's normaliser and token count cost no pass over tokens
         self.targets = np.array([count_targets([e]) for e in examples], dtype=np.int64)
         self.lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-        self.metrics = MetricsLog(parts.out / "metrics.jsonl" if world.is_main else None)
+        self.metrics = MetricsLog(parts.out / "metrics.jsonl" if world.is_main else None,
+                                  config.reporters(), config.to_dict())
         self.pending: list[tuple[int, Tensor, Tensor, float]] = []  # (step, loss, grad norm, lr)
         self.tokens = 0  # this rank's tokens over the whole call
         self.global_tokens = 0  # all ranks' tokens, up to the last log

@@ -82,11 +82,29 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
         from lorakit import get_peft_model
 
         lora = config.lora_config(task_type="CAUSAL_LM", base_model_name_or_path=base_model_name(config.model))
+        check_serving(model, lora, config.serve_targets())
         model = get_peft_model(model, lora)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     return model.train()
+
+
+def check_serving(model: nn.Module, lora: Any, targets: list[str]) -> None:
+    """serve_target: refuse, before training, an adapter those engines would not load; warn on the rest."""
+    if not targets:
+        return
+    import warnings
+
+    from lorakit.export.check import check_adapter, planned_adapter
+
+    findings = check_adapter(planned_adapter(model, lora), targets)
+    for finding in findings:
+        if not finding.error:
+            warnings.warn(finding.line(), stacklevel=2)
+    failed = [f.line() for f in findings if f.error]
+    if failed:
+        raise ConfigError(f"serve_target: the adapter would fail {len(failed)} rule(s): " + " | ".join(failed))
 
 
 def enable_checkpointing(model: nn.Module) -> None:
