@@ -21,11 +21,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..bases import QuantizedBase, frozen_base
+
+if TYPE_CHECKING:
+    from .model import LoraModel
 
 REPORT_ATTR = "lorakit_requantize_report"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -44,6 +48,8 @@ class RequantizeReport:
     worst_layer: str | None  # where max_abs_change is
 
     def line(self) -> str:
+        if not self.layers:
+            return "requantized no layer: no adapter is merged into a quantized layer"
         return (f"requantized {self.layers} merged layer(s), {self.weights:,} weights: |change| max "
                 f"{self.max_abs_change:.3g} (in {self.worst_layer}), mean {self.mean_abs_change:.3g}; "
                 f"largest |weight| {self.max_abs_weight:.3g}")
@@ -87,7 +93,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"merge_and_unload: dtype must be float32, bfloat16, float16 or float64, not {dtype!r}")
 
 
-def merge_and_unload(owner, names: Sequence[str], *, safe_merge: bool = False, dtype: torch.dtype | str | None = None,
+def merge_and_unload(owner: LoraModel, names: Sequence[str], *, safe_merge: bool = False, dtype: torch.dtype | str | None = None,
                      requantize: bool = False) -> nn.Module:
     """LoraModel.merge_and_unload for a model with quantized layers (see the module docstring).
 
