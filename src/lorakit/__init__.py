@@ -17,6 +17,7 @@ _EXPORTS = {
     "LoraModel": "lora.model",
     "PeftModel": "lora.peft_model",
     "QuantConfig": "bases.quant_config",
+    "RequantizeReport": "lora.quantized_merge",
     "get_peft_model": "lora.peft_model",
     "estimate": "estimate",
     "frozen_matmul_precision": "fast.precision",

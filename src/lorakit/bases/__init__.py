@@ -7,13 +7,14 @@ module registered there; the LoRA layers and the fast-path kernels only see the 
 """
 
 from .gguf_linear import GGUFLinear
-from .protocol import FrozenBase, MergeRefused
+from .protocol import FrozenBase, MergeRefused, QuantizedBase
 from .registry import adaptable_types, check_adaptable, frozen_base, is_adaptable, is_embedding, is_linear, register
 
 __all__ = [
     "FrozenBase",
     "GGUFLinear",
     "MergeRefused",
+    "QuantizedBase",
     "adaptable_types",
     "check_adaptable",
     "frozen_base",

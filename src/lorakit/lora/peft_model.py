@@ -162,19 +162,20 @@ class PeftModel(nn.Module):
         return any(name not in self._owned for name in self.peft_config)
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None, *,
+        dtype: torch.dtype | str | None = None, requantize: bool = False,
     ) -> nn.Module:
         """Merge this handle's adapter(s) and return a plain model.
 
         On a base that only this handle uses, the base is merged in place (PEFT's behaviour, no copy).
         On a base shared with other handles, the merge happens on a copy: the shared base and the
-        other handles keep working unchanged.
+        other handles keep working unchanged. lorakit's own keywords, for 4-bit bases (merged onto
+        their de-quantized weights): `dtype` of the layers that come back dense, `requantize=True`
+        to quantize the merged ones again (LoraModel.merge_and_unload).
         """
         names = list(adapter_names) if adapter_names is not None else list(self._adapters)
-        if not self._shared():
-            return self.base_model.merge_and_unload(progressbar, safe_merge, names)
-        lora_copy = _detached_copy(self.base_model)
-        return lora_copy.merge_and_unload(progressbar, safe_merge, names)
+        owner = self.base_model if not self._shared() else _detached_copy(self.base_model)
+        return owner.merge_and_unload(progressbar, safe_merge, names, dtype=dtype, requantize=requantize)
 
     def unload(self) -> nn.Module:
         if self._shared():
