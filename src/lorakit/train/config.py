@@ -83,6 +83,14 @@ class TrainConfig(LoraOptions):
     # -- method -----------------------------------------------------------------------------
     method: Literal["lora", "full"] = _opt("lora", "lora trains an adapter (options in LoraConfig's "
                                            "names: r, lora_alpha, ...); full trains every weight")
+    # -- a 4-bit base (QLoRA) -------------------------------------------------------------
+    quantize: Literal["nf4", "fp4", "none"] = _opt(
+        "none", "store the base's linear layers in 4 bits while training (QLoRA): nf4 or fp4, none keeps "
+        "them in dtype; the output head and embeddings stay in dtype, the adapter in fp32")
+    double_quant: bool = _opt(True, "with quantize: also quantize each 4-bit block's scale to 8 bits "
+                              "(QLoRA's double quantization, ~0.4 bit a weight less)")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "with quantize: the dtype the 4-bit layers' products run in; auto = the model's dtype")
     # -- optimisation -----------------------------------------------------------------------
     lr: float = _opt(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norms)")
@@ -171,6 +179,7 @@ class TrainConfig(LoraOptions):
         if self.method == "full" and self.frozen_matmul_precision != "highest":
             raise ConfigError("frozen_matmul_precision: method full has no frozen weights; leave it at highest")
         _check_reporting(self)
+        self._check_quantization()
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -182,6 +191,25 @@ class TrainConfig(LoraOptions):
     def serve_targets(self) -> list[str]:
         return [] if self.serve_target is None else (
             [self.serve_target] if isinstance(self.serve_target, str) else list(self.serve_target))
+
+    def _check_quantization(self) -> None:
+        if self.quantize == "none":
+            for name, unset in (("double_quant", True), ("compute_dtype", "auto")):
+                if getattr(self, name) != unset:
+                    raise ConfigError(f"{name}: applies to a 4-bit base only; set quantize: nf4 (or fp4) too")
+            return
+        if self.method == "full":
+            raise ConfigError(f"quantize: method full trains every weight, and a {self.quantize} base is frozen; "
+                              "use method: lora")
+
+    def quant_config(self) -> Any:
+        """The QuantConfig the base is loaded with (None: quantize is none)."""
+        if self.quantize == "none":
+            return None
+        from lorakit.bases.quant_config import QuantConfig
+
+        compute = None if self.compute_dtype == "auto" else self.compute_dtype
+        return QuantConfig(quant_type=self.quantize, double_quant=self.double_quant, compute_dtype=compute)
 
     def lora_config(self, **metadata: Any) -> LoraConfig:
         """The LoraConfig this recipe trains; `metadata` sets NOT_IN_RECIPE fields. Its errors are ConfigErrors."""

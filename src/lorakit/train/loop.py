@@ -98,7 +98,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, started: flo
     setup.seed_everything(config.seed)
     dtype = pick_dtype(config.dtype, device)
     # FSDP: the whole base goes to the CPU first, so that only each rank's shards reach the device
-    base, tokenizer = load_model(config.model, dtype=dtype,
+    base, tokenizer = load_model(config.model, dtype=dtype, quantization=config.quant_config(),
                                  device=torch.device("cpu") if world.strategy == "fsdp" else device)
     data = setup.tokenize(config, tokenizer, train_records, eval_records)
     model = setup.prepare_model(base, config)
@@ -389,6 +389,8 @@ def _describe(config: TrainConfig, stats: dict[str, Any], total: int, out: Path,
     method = (f"LoRA r={config.r} alpha={config.lora_alpha}" + (" DoRA" if config.use_dora else "")
               if config.method == "lora" else "full fine-tuning")
     share = 100 * stats["trainable_params"] / max(stats["total_params"], 1)
+    if config.quantize != "none":
+        method = f"Q{method} on a {config.quantize.upper()} base" + (" (double quant)" if config.double_quant else "")
     level = config.frozen_matmul_precision
     precision = "" if level == "highest" else f", frozen products at {level} precision"
     per_rank = f"batch_size {config.batch_size} x grad_accum {config.grad_accum}"

@@ -23,7 +23,7 @@ from .config import LORA_KEYS, ConfigError, TrainConfig
 # (batch_size and grad_accum may change, with the number of processes, if the global batch stays.)
 TRAJECTORY = (
     "model", "data", "eval_fraction", "format", "train_on_prompt", "max_seq_len", "packing", "method",
-    *LORA_KEYS, "lr", "weight_decay", "scheduler", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed",
+    "quantize", "double_quant", "compute_dtype", *LORA_KEYS, "lr", "weight_decay", "scheduler", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed",
 )
 
 
@@ -144,8 +144,12 @@ def build_optimizer(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters; a 4-bit layer's weight counts as its elements (it is a buffer)."""
+    from lorakit.bases.linear4bit import Linear4bit
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return trainable, sum(p.numel() for p in model.parameters()) + packed
 
 
 # -- resuming ---------------------------------------------------------------------------------
