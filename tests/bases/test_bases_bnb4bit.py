@@ -191,3 +191,22 @@ def test_adapters_move_between_lorakit_and_peft_on_bitsandbytes_bases(llama_dir,
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantized_and_requantized_layers_for_merge_and_unload(quant_type, double_quant):
+    layer, dense = bnb_layer(quant_type, double_quant, dtype=torch.bfloat16, compute_dtype=torch.float32)
+    base, codes = bases.frozen_base(layer), layer.weight.data.clone()
+    plain = base.dequantized(torch.float32)
+    assert type(plain) is nn.Linear and not plain.weight.requires_grad and plain.weight.dtype == torch.float32
+    assert torch.equal(plain.weight, base.dense(torch.float32)) and torch.equal(plain.bias, dense.bias.float())
+    assert base.dequantized().weight.dtype == torch.bfloat16
+    merged = plain.weight + 0.01 * torch.randn(40, 96, generator=torch.Generator().manual_seed(1))
+    again = base.requantized(merged, plain.bias)
+    assert type(again) is bnb.nn.Linear4bit and again.compute_dtype == torch.float32
+    state, expected = again.weight.quant_state, BF.quantize_4bit(merged.to(torch.bfloat16), blocksize=64,
+                                                                 quant_type=quant_type, compress_statistics=double_quant)
+    assert (state.quant_type, state.blocksize, state.nested, state.dtype) == (quant_type, 64, double_quant, torch.bfloat16)
+    assert torch.equal(again.weight.data, expected[0])  # bitsandbytes' own quantization of the merged weight
+    assert torch.equal(again.bias, plain.bias) and torch.equal(layer.weight.data, codes)  # the layer is untouched

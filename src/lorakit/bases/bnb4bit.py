@@ -80,7 +80,8 @@ def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
 
 
 class BnbLinear4bitBase:
-    """bitsandbytes' Linear4bit as a FrozenBase: products de-quantize W with quant4; merging refuses."""
+    """bitsandbytes' Linear4bit as a FrozenBase: products de-quantize W with quant4; merging in place
+    refuses; `dequantized` / `requantized` let merge_and_unload merge onto the de-quantized weight."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -124,3 +125,28 @@ class BnbLinear4bitBase:
 
     def assign(self, weight: Tensor) -> None:
         raise MergeRefused(MERGE_REFUSED)
+
+    # merge_and_unload stands a dense layer in for a quantized one (merges go onto the de-quantized weight)
+    def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense nn.Linear holding W de-quantized (then cast to `dtype`) and the bias; the layer is untouched."""
+        weight = self.dense(dtype)
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
+        return dense.train(self.module.training)
+
+    def requantized(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
+        """A new bitsandbytes Linear4bit with this layer's settings holding `weight` (out, in), quantized
+        by bitsandbytes itself on the layer's device (its classes come from the user's own import)."""
+        module, state = self.module, quant_state(self.module)
+        storage = getattr(module.weight, "quant_storage", torch.uint8)
+        new = type(module)(self.in_features, self.out_features, bias=bias is not None, compute_dtype=module.compute_dtype,
+                           compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=storage,
+                           device="meta")
+        new.weight = params4bit_type()(weight.detach().to(self.device, state.dtype, copy=True), requires_grad=False,
+                                       quant_type=state.quant_type, blocksize=state.blocksize,
+                                       compress_statistics=state.nested, quant_storage=storage)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach().to(self.device, copy=True), requires_grad=False)
+        return new.to(self.device).train(module.training)
