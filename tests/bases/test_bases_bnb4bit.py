@@ -99,8 +99,9 @@ def test_a_16bit_weight_dequantizes_to_its_dtype_and_multiplies_in_the_compute_d
 
 def test_merging_is_refused_in_one_line():
     base = bases.frozen_base(bnb_layer()[0])
-    with pytest.raises(bases.MergeRefused, match=r"^cannot merge into a 4-bit base \(bitsandbytes Linear4bit\): "
-                                                 r"its weight is stored quantized; keep the adapter unmerged$"):
+    with pytest.raises(bases.MergeRefused, match=r"^cannot merge into a 4-bit base \(bitsandbytes Linear4bit\) in place: "
+                                                 r"its weight is stored quantized; keep the adapter unmerged, or "
+                                                 r"merge_and_unload\(\) for a model merged onto the de-quantized weights$"):
         base.assign(base.dense())
     assert "\n" not in MERGE_REFUSED
 
@@ -210,3 +211,25 @@ def test_dequantized_and_requantized_layers_for_merge_and_unload(quant_type, dou
     assert (state.quant_type, state.blocksize, state.nested, state.dtype) == (quant_type, 64, double_quant, torch.bfloat16)
     assert torch.equal(again.weight.data, expected[0])  # bitsandbytes' own quantization of the merged weight
     assert torch.equal(again.bias, plain.bias) and torch.equal(layer.weight.data, codes)  # the layer is untouched
+
+
+@pytest.mark.filterwarnings("ignore:Merge lora module to 4-bit linear:UserWarning")
+def test_merge_and_unload_on_bitsandbytes_layers_is_peft_s(llama_dir):
+    if not hasattr(bases, "QuantizedBase"):
+        pytest.skip("needs merge_and_unload over quantized bases (bases.QuantizedBase)")
+    ours, theirs = pair(llama_dir)
+    adapter = lora_state(ours)
+    with torch.no_grad():
+        expected = ours(IDS).logits
+    dense = ours.merge_and_unload()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(dense(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    again = get_peft_model(bnb_llama(llama_dir), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    again.load_state_dict(adapter, strict=False)
+    ours_4bit, theirs_4bit = again.merge_and_unload(requantize=True), theirs.merge_and_unload()
+    layers = [(a, b) for a, b in zip(ours_4bit.modules(), theirs_4bit.modules()) if isinstance(a, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    for a, b in layers:  # PEFT merges onto the de-quantized weight and has bitsandbytes quantize it again
+        assert type(b) is bnb.nn.Linear4bit and torch.equal(a.weight.data, b.weight.data)
+        assert torch.equal(a.weight.quant_state.absmax, b.weight.quant_state.absmax)

@@ -25,8 +25,8 @@ from . import quant4
 from .compute import product_dtype
 from .protocol import MergeRefused
 
-MERGE_REFUSED = ("cannot merge into a 4-bit base (bitsandbytes Linear4bit): its weight is stored quantized; "
-                 "keep the adapter unmerged")
+MERGE_REFUSED = ("cannot merge into a 4-bit base (bitsandbytes Linear4bit) in place: its weight is stored quantized; "
+                 "keep the adapter unmerged, or merge_and_unload() for a model merged onto the de-quantized weights")
 
 
 def _bnb_class(name: str) -> type | None:
