@@ -23,6 +23,7 @@ _EXPORTS = {
     "frozen_matmul_precision": "fast.precision",
     "load_model": "models.load",
     "load_quantized": "models.quantized",
+    "prepare_model_for_kbit_training": "models.kbit",
     "quantize_model": "models.quantize",
     "save_quantized": "models.quantized",
 }
