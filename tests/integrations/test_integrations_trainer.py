@@ -89,3 +89,14 @@ def test_gradient_checkpointing_with_frozen_embeddings(tmp_path, reentrant):
     trainer.train()
     assert checkpointed.get_base_model().model.gradient_checkpointing
     _assert_same_adapter(plain, checkpointed)  # the same steps, recomputing activations in backward
+
+
+def test_mixed_precision_trains(tmp_path):
+    """bf16=True runs the step under autocast: the layers and the loss take their general paths."""
+    model = lora(tiny_llama())
+    before = snapshot(model)
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=4, bf16=True), train_dataset=rows(16))
+    trainer.train()
+    curve = losses(trainer)
+    assert curve[-1] < curve[0] - 0.02
+    assert moved(before, model) == adapter_names(model)
