@@ -103,3 +103,15 @@ def test_dpo_uses_the_model_with_its_adapter_disabled_as_reference(model_dir, tm
         base = load(model_dir)(ids).logits
         torch.testing.assert_close(ref(input_ids=ids).logits, base)
         assert not torch.allclose(model(ids).logits, base, atol=1e-4)  # the adapter trained and is back on
+
+
+def test_a_lorakit_config_wraps_a_plain_model(model_dir, tmp_path):
+    from lorakit import LoraConfig
+
+    config = trl.SFTConfig(str(tmp_path), max_steps=1, **QUICK)
+    trainer = SFTTrainer(model=load(model_dir), args=config, train_dataset=completions(4),
+                         peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    assert isinstance(trainer.model, PeftModel)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
