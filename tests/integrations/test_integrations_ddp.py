@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from ddp_worker import train
+from distributed.dist_helpers import free_port, run, torchrun
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 
 
 def test_two_processes_save_the_adapter_one_process_would(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-               "--master-port=0", str(HERE / "ddp_worker.py"), str(tmp_path / "ddp"), "2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run([*torchrun(2, free_port()), str(HERE / "ddp_worker.py"), str(tmp_path / "ddp"), "2"], timeout=150)
     train(str(tmp_path / "one"), 4)
     for where in ("final", "checkpoint-2"):
         names = set(os.listdir(tmp_path / "ddp" / where))

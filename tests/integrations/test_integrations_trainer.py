@@ -86,8 +86,10 @@ def test_gradient_checkpointing_with_frozen_embeddings(tmp_path, reentrant):
     Trainer(model=plain, args=args(tmp_path / "p", max_steps=2), train_dataset=rows()).train()
     gc = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     trainer = Trainer(model=checkpointed, args=args(tmp_path / "c", max_steps=2, **gc), train_dataset=rows())
+    calls = []
+    checkpointed.get_base_model().model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     trainer.train()
-    assert checkpointed.get_base_model().model.gradient_checkpointing
+    assert len(calls) == 4  # two steps, each block run again in backward
     _assert_same_adapter(plain, checkpointed)  # the same steps, recomputing activations in backward
 
 
@@ -100,3 +102,17 @@ def test_mixed_precision_trains(tmp_path):
     curve = losses(trainer)
     assert curve[-1] < curve[0] - 0.02
     assert moved(before, model) == adapter_names(model)
+
+
+def test_evaluation_gets_the_loss_and_the_logits(tmp_path):
+    """Label names come from the base model's class (eval loss), and eval calls return logits (no fused loss)."""
+    model = lora(tiny_llama())
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=1), eval_dataset=rows(4))
+    assert trainer.label_names == ["labels"]
+    metrics = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=_IDS, labels=_IDS).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    prediction = trainer.predict(rows(4))
+    assert prediction.predictions.shape == (4, 12, 100)
