@@ -6,7 +6,7 @@ import sys
 
 import torch
 from datasets import Dataset
-from helpers import QUICK, lora
+from trainer_helpers import QUICK, lora
 from tinymodels import tiny_llama
 from transformers import TrainingArguments
 

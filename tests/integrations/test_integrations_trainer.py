@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from helpers import QUICK, adapter_names, lora, losses, moved, snapshot
+from trainer_helpers import QUICK, adapter_names, lora, losses, moved, snapshot
+from safetensors.torch import load_file
 from tinymodels import tiny_llama
 from transformers import TrainingArguments
 
 import transformers
 from lorakit.integrations import Trainer
+from lorakit.lora.io import file_key
 
 _IDS = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(0))
 
@@ -116,3 +118,18 @@ def test_evaluation_gets_the_loss_and_the_logits(tmp_path):
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
     prediction = trainer.predict(rows(4))
     assert prediction.predictions.shape == (4, 12, 100)
+
+
+def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
+    model = lora(tiny_llama())
+    best = dict(eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                metric_for_best_model="loss", greater_is_better=True)  # "best" = the worst eval loss: checkpoint-1
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=3, **best), train_dataset=rows(12),
+                      eval_dataset=rows(4))
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    saved = load_file(os.path.join(trainer.state.best_model_checkpoint, "adapter_model.safetensors"))
+    state = model.base_model.adapter_state("default")
+    assert saved.keys() == {file_key(k, "default") for k in state}
+    for key, value in state.items():
+        torch.testing.assert_close(value.detach(), saved[file_key(key, "default")], rtol=0, atol=0)

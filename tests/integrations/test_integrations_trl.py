@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from helpers import QUICK, adapter_names, lora, losses, moved, snapshot
+from trainer_helpers import QUICK, adapter_names, lora, losses, moved, snapshot
 from tinymodels import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,11 +37,13 @@ def preferences(n: int = 4) -> Dataset:
     return Dataset.from_dict({"prompt": ["say a:"] * n, "chosen": [" aaa"] * n, "rejected": [" bbb"] * n})
 
 
-def test_plain_sft_trainer_names_the_fix(model_dir, tmp_path):
-    config = trl.SFTConfig(str(tmp_path), max_steps=1, **QUICK)
-    with pytest.raises(TypeError, match="lorakit.integrations"):
-        trl.SFTTrainer(model=lora(load(model_dir)), args=config, train_dataset=completions(),
-                       processing_class=AutoTokenizer.from_pretrained(model_dir))
+@pytest.mark.parametrize("kind", ["SFT", "DPO"])
+def test_plain_trl_trainers_name_the_fix(model_dir, tmp_path, kind):
+    config = getattr(trl, f"{kind}Config")(str(tmp_path), max_steps=1, **QUICK)
+    with pytest.raises(TypeError, match="lorakit.integrations"):  # before DPO would load a reference copy
+        getattr(trl, f"{kind}Trainer")(model=lora(load(model_dir)), args=config,
+                                       train_dataset=completions() if kind == "SFT" else preferences(),
+                                       processing_class=AutoTokenizer.from_pretrained(model_dir))
 
 
 def test_sft_trains_the_adapter_only_and_peft_loads_what_it_saves(model_dir, tmp_path):
