@@ -1,6 +1,7 @@
 """lorakit: fast, light LoRA fine-tuning for PyTorch, with PEFT-compatible adapters.
 
 The public names load on first use, so that `lorakit --help` does not wait for torch.
+transformers' Trainer and TRL's SFTTrainer / DPOTrainer for lorakit models: `lorakit.integrations`.
 """
 
 from __future__ import annotations

@@ -47,6 +47,10 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    def forward(self, *args, **kwargs):
+        """The model with its active adapters (PEFT's LoraModel.forward); handles route their own."""
+        return self.model(*args, **kwargs)
+
     # -- walking ------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         for name, module in self.model.named_modules():

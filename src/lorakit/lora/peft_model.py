@@ -6,9 +6,11 @@ with every call (see routing.py), so handles never disturb each other, even acro
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -50,6 +52,27 @@ class PeftModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The model the adapters live in (its layers wrapped in place), as PEFT's `get_base_model`."""
+        return self.base_model.model
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """transformers' Trainer reads this when it starts; it is also the one place where a plain
+        `transformers.Trainer` (or TRL trainer) meets a lorakit model, which it cannot save or resume
+        (it looks for `peft.PeftModel`): lorakit.integrations' trainers are then the fix."""
+        if not _KNOWN_TRAINER.get():
+            raise TypeError(
+                "transformers' Trainer and TRL's trainers treat a lorakit model as a plain model (it would save "
+                "the whole model, not the adapter): use `from lorakit.integrations import Trainer` "
+                "(or SFTTrainer, DPOTrainer)"
+            )
+        base = self.get_base_model()
+        if hasattr(base, "accepts_loss_kwargs"):
+            return bool(base.accepts_loss_kwargs)
+        params = inspect.signature(base.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -208,6 +231,13 @@ class PeftModel(nn.Module):
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
     ) -> None:
+        """Add the adapter in `model_id` as `adapter_name`; for a name already loaded, its weights are
+        replaced in place (PEFT's behaviour, what a Trainer resuming from a checkpoint relies on)."""
+        if adapter_name in self.peft_config:
+            self.base_model.load_adapter_state(adapter_name, load_adapter_weights(os.fspath(model_id)))
+            self.peft_config[adapter_name].inference_mode = not is_trainable
+            self.base_model._update_trainable()
+            return
         _load_into(self.base_model, model_id, adapter_name, is_trainable)
         self._owned.append(adapter_name)
 
@@ -240,6 +270,19 @@ class PeftModel(nn.Module):
             owner.set_adapter(name)
         handle = cls._handle(owner, name)
         return handle
+
+
+# set by lorakit.integrations' trainers while transformers' Trainer starts (see accepts_loss_kwargs)
+_KNOWN_TRAINER: ContextVar[bool] = ContextVar("lorakit_known_trainer", default=False)
+
+
+@contextmanager
+def known_trainer() -> Iterator[None]:
+    token = _KNOWN_TRAINER.set(True)
+    try:
+        yield
+    finally:
+        _KNOWN_TRAINER.reset(token)
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
