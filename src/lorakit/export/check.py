@@ -70,7 +70,7 @@ class Options:
 Rule = Callable[[Adapter, Options], Iterable[tuple]]
 
 MERGE = "merge it into the base (lorakit merge) and serve the merged model"
-FOLD = ("fold each module's true scale into lora_B (lorakit has no GGUF adapter export that does it yet), "
+FOLD = ("export it with lorakit export --format gguf (it folds each module's true scale into lora_B), "
         "or merge it into the base (lorakit merge)")
 
 

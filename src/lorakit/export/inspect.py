@@ -15,13 +15,18 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 
 def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
-    """What an adapter dir holds: its config, ranks, adapted modules, parameters and bytes on disk.
+    """What an adapter dir holds: its config, ranks, adapted modules, parameters and bytes on disk
+    (a ``.gguf`` file: what `gguf_adapter.inspect_gguf_adapter` reads from it).
 
     Counts come from the weight file's tensors (shapes only, nothing is loaded for safetensors),
     so they describe the file as it is, whatever its config claims.
     """
     from ..models.inference import check_adapter_dir
 
+    if os.fspath(path).lower().endswith(".gguf"):  # llama.cpp's LoRA adapter file
+        from .gguf_adapter import inspect_gguf_adapter
+
+        return inspect_gguf_adapter(path)
     directory = Path(path)
     check_adapter_dir(directory)
     config = LoraConfig.from_pretrained(directory)

@@ -252,7 +252,7 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
         **_: Any,
     ) -> "PeftModel":
-        """Load an adapter directory onto `model`.
+        """Load an adapter directory (or a llama.cpp LoRA adapter ``.gguf`` file) onto `model`.
 
         If `model` already carries lorakit adapters (an earlier `from_pretrained` or `get_peft_model`
         on it), the adapter is added to the same layers instead of wrapping them again, and the
@@ -302,11 +302,17 @@ def _load_into(
     owner: LoraModel, model_id, name: str, is_trainable: bool, config: LoraConfig | None = None
 ) -> None:
     model_id = os.fspath(model_id)
-    if not os.path.isdir(model_id):
+    if model_id.lower().endswith(".gguf"):  # llama.cpp's LoRA adapter file
+        from ..export.gguf_adapter import read_gguf_adapter
+
+        gguf_config, tensors = read_gguf_adapter(model_id, owner.model)
+        config = config or gguf_config
+    elif not os.path.isdir(model_id):
         raise FileNotFoundError(f"adapter directory not found: {model_id}")
-    config = config or LoraConfig.from_pretrained(model_id)
+    else:
+        config = config or LoraConfig.from_pretrained(model_id)
+        tensors = load_adapter_weights(model_id)
     config.inference_mode = not is_trainable
-    tensors = load_adapter_weights(model_id)
     owner.add_adapter(name, config)
     try:
         owner.load_adapter_state(name, tensors)
