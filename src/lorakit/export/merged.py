@@ -27,6 +27,8 @@ def merge_adapter_to_dir(
     from ..models.inference import load_for_inference
 
     out = Path(out_dir).expanduser().absolute()
+    if out.suffix.lower() == ".gguf":
+        raise ValueError(f"{out.name} is a GGUF file name: merge with export.merge_adapter_to_gguf for one")
     _check_output_dir(out, overwrite)
     if Path(adapter_path).absolute() == out:
         raise ValueError(f"the output dir {out} is the adapter itself; choose another --output")
