@@ -245,11 +245,10 @@ def test_bad_outputs_and_types_refused_nothing_written(tiny, tmp_path, monkeypat
 def test_other_families_refused_in_one_line(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tests.tinymodels import save_tiny_model  # noqa: F401  (the tokenizer of the CLI tests)
-
     model_dir = tmp_path / "gpt2"
     tiny_tokenizer("llama").save_pretrained(model_dir)
-    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(model_dir)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
     model, _ = load_model(str(model_dir))
     get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="GGUF export supports the model families llama, qwen2, not 'gpt2'"):
@@ -288,14 +287,17 @@ def test_embedded_smollm2_tokenizer_and_hparams_match_llama_cpps_converter(tmp_p
     same = [k for k in source if k.startswith(("llama.", "tokenizer.")) and k != "tokenizer.ggml.add_space_prefix"]
     assert "tokenizer.ggml.merges" in same and "llama.rope.freq_base" in same
     for key in same:
-        assert written[key] == pytest.approx(source[key]) if isinstance(source[key], float) else written[key] == source[key], key
+        assert written[key] == (pytest.approx(source[key]) if isinstance(source[key], float) else source[key]), key
     assert written["tokenizer.ggml.pre"] == "smollm"
 
     peft, _ = load_for_inference("smollm2-135m", [tmp_path / "adapter"], dtype="float32", device="cpu")
     merged = peft.merge_and_unload().eval()
     packed, _ = load_model(str(out), packed=True)
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    reference = copy.deepcopy(merged)
+    reference.load_state_dict(file_weights(out, merged), strict=False)
     got, want = logits(packed, ids), logits(merged, ids)
+    torch.testing.assert_close(got, logits(reference, ids), atol=2e-3, rtol=1e-4)  # the file's weights
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    assert ((got - want).norm() / want.norm()).item() < 0.02
+    assert ((got - want).norm() / want.norm()).item() < 0.05  # Q8_0 rounding through 30 layers (measured 0.03)
     assert json.dumps(written["tokenizer.chat_template"]) == json.dumps(source["tokenizer.chat_template"])

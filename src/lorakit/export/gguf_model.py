@@ -122,9 +122,10 @@ def gguf_tensors(model: PreTrainedModel, arch: GGUFArch):
     """(GGUF name, fp32 numpy value in llama.cpp's row order) for each weight of `model`, in order."""
     config = model.config
     state = model.state_dict()
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings:  # llama.cpp reads a missing output.weight as tied to token_embd
         head = model.get_output_embeddings()
-        state = {k: v for k, v in state.items() if not (head is not None and k == "lm_head.weight")}
+        tied = {f"{n}.weight" for n, m in model.named_modules() if m is head}
+        state = {k: v for k, v in state.items() if k not in tied}
     names = gguf_names(state, arch.member, config.num_hidden_layers)
     unnamed = [k for k in state if k not in names]
     if unnamed:
@@ -154,7 +155,8 @@ def write_gguf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     writer = gguf.GGUFWriter(os.fspath(path), arch.name)
     try:
         write_hparams(writer, model.config, arch, name or Path(path).stem)
-        writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if outtype == "f32" else f"MOSTLY_{outtype.upper()}"))
+        file_type = "ALL_F32" if outtype == "f32" else f"MOSTLY_{outtype.upper()}"
+        writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_vocab(writer, vocab)
         count = 0

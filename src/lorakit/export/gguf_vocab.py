@@ -95,8 +95,9 @@ def gguf_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, *, pre: str 
     spec = _tokenizer_json(tokenizer)
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(spec.get("decoder")):
+        fallback = " with byte fallback" if model.get("byte_fallback") else ""
         raise ValueError("GGUF export writes byte-level BPE tokenizers (GPT-2, SmolLM2, Qwen2, Llama 3 style); "
-                         f"this one is {model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''}")
+                         f"this one is {model.get('type')!r}{fallback}")
     pre = pre or pre_tokenizer_name(spec)
     if pre is None:
         raise ValueError(f"GGUF export: no llama.cpp pre-tokenizer matches this tokenizer's "
@@ -141,8 +142,10 @@ def write_vocab(writer, vocab: GGUFVocab) -> None:
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
+    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
+              "pad": writer.add_pad_token_id}
     for key, token_id in vocab.special_ids.items():
-        getattr(writer, {"unk": "add_unk_token_id", "pad": "add_pad_token_id"}.get(key, f"add_{key}_token_id"))(token_id)
+        adders[key](token_id)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(vocab.add_eos)
     if vocab.chat_template:
