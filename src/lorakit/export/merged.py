@@ -69,6 +69,8 @@ def write_merged(
     from ..models.quantized import save_quantized
 
     out = Path(out_dir).expanduser().absolute()
+    if out.suffix.lower() == ".gguf":
+        raise ValueError(f"{out.name} is a GGUF file name: merge with export.merge_adapter_to_gguf for one")
     _check_output_dir(out, overwrite)
     if Path(adapter_path).absolute() == out:
         raise ValueError(f"the output dir {out} is the adapter itself; choose another --output")
