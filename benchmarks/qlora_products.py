@@ -74,13 +74,14 @@ def main() -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"],
-                        help="the weights' dtypes (the 4-bit layer de-quantizes to it)")
+    parser.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "float16"], help="the weights' dtypes (the 4-bit layer de-quantizes to it)")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per figure (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| layer | weight dtype | compute | dequantize (ms) | 4-bit fwd+bwd (ms) | dense fwd+bwd (ms) | 4-bit / dense |")
+    print("| layer | weight dtype | compute | dequantize (ms) | 4-bit fwd+bwd (ms) | dense fwd+bwd (ms) "
+          "| 4-bit / dense |")
     print("|---|---|---|---:|---:|---:|---:|")
     for name in args.dtype:
         print("\n".join(_rows(name, args.repeat)), flush=True)

@@ -353,7 +353,8 @@ def _summary(results: dict[str, dict]) -> str:
         ("plain_bf16_vs_train_step", ("lorakit-plain-bf16",), step("lorakit-plain-bf16", "lorakit-bf16"), ".2f"),
         ("plain_bf16_loss_rel_diff", ("lorakit-plain-bf16",), loss("lorakit-plain-bf16", "peft-bf16"), ".1e"),
     ]
-    for suffix in ("", "-fp32"):  # QLoRA, bf16 and fp32 compute: lorakit's trainer and plain loop vs PEFT + bitsandbytes
+    # QLoRA at bf16 and fp32 compute: lorakit's trainer step and plain loop against PEFT + bitsandbytes
+    for suffix in ("", "-fp32"):
         ref, key = f"peft-qlora{suffix}", suffix.replace("-", "_")
         for mode, label in (("", "lorakit"), ("plain_", "lorakit-plain")):
             me = f"{label}-qlora{suffix}"

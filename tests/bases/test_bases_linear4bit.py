@@ -234,9 +234,9 @@ def test_the_layers_own_product_saves_no_dense_weight_and_backward_is_g_w():
     torch.testing.assert_close(layer.bias.grad, g.sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("weight_dtype, compute_dtype", [(torch.float32, None), (torch.bfloat16, None),
-                                                         (torch.float32, torch.bfloat16), (torch.float16, torch.float16)],
-                         ids=["fp32", "bf16", "fp32-bf16-compute", "fp16"])
+@pytest.mark.parametrize("weight_dtype, compute_dtype",
+                         [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16),
+                          (torch.float16, torch.float16)], ids=["fp32", "bf16", "fp32-bf16-compute", "fp16"])
 def test_the_fused_kernels_run_over_4bit_bases_and_keep_no_dense_weights(weight_dtype, compute_dtype, monkeypatch):
     from lorakit.fast import fusion
 
@@ -251,7 +251,8 @@ def test_the_fused_kernels_run_over_4bit_bases_and_keep_no_dense_weights(weight_
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, quantize_linear(child, double_quant=True, compute_dtype=compute_dtype))
     peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
-    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(0))  # 21 and 18 tokens: no weight's shape
+    # 21 tokens (18 after the shift): no activation has a weight's shape
+    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(0))
     losses = []
     kept = dense_copies_kept_for_backward(peft, lambda: losses.append(peft(input_ids=ids, labels=ids).loss))
     assert kept == []
@@ -267,7 +268,8 @@ def test_the_general_path_keeps_no_dense_weights_either(fuse, monkeypatch):
     peft = get_peft_model(quantized_llama(double_quant=True),
                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1), fuse=fuse).train()
     monkeypatch.setattr(Linear, "_fast_path_ok", lambda self, name: False)
-    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(0))  # 21 and 18 tokens: no weight's shape
+    # 21 tokens (18 after the shift): no activation has a weight's shape
+    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(0))
     losses = []
     assert dense_copies_kept_for_backward(peft, lambda: losses.append(peft(input_ids=ids, labels=ids).loss)) == []
     losses[0].backward()

@@ -8,8 +8,8 @@ that de-quantize-then-multiply, the one function a fused kernel (a GPU GEMM read
 bytes) replaces. Under autograd the layer's own product saves nothing for backward (not x, not
 the de-quantized weight): backward de-quantizes again for g W, so the general (unfused) LoRA
 path holds no dense weights between forward and backward either. Keeping a layer's dense
-weight from forward to backward would save one de-quantization (about 1-2 % of a SmolLM2
-product's time on CPU) at the cost of a whole-model dense copy during the step: not done.
+weight from forward to backward would save one de-quantization (1-3 % of a SmolLM2 layer's
+forward + backward on CPU) at the cost of a whole-model dense copy during the step: not done.
 
 Dtypes: `weight_dtype` is the dtype the weight was quantized from and de-quantizes to
 (bitsandbytes' QuantState.dtype); products run in `compute_dtype` when one is configured, else in
@@ -171,9 +171,9 @@ def product(layer: Linear4bit, a: Tensor, compute: torch.dtype, *, to_input: boo
     bytes and absmax) replaces the body of this function; nothing else changes.
     """
     w = layer.dequantize(compute)  # (out, in)
-    if to_input:
-        return a @ w if into is None else into.addmm_(a, w)
-    return F.linear(a, w, bias)
+    if not to_input:
+        return F.linear(a, w, bias)
+    return a @ w if into is None else into.addmm_(a, w)
 
 
 class _Product(torch.autograd.Function):

@@ -139,7 +139,8 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, shape: torch.Size | tuple[in
     flat = packed.reshape(-1)  # ceil(n / 2) bytes
     blocks = absmax.numel()
     if flat.numel() != (n + 1) // 2 or blocks != -(-n // blocksize):
-        raise ValueError(f"{flat.numel()} bytes and {blocks} absmax do not hold a {tuple(shape)} weight in blocks of {blocksize}")
+        raise ValueError(f"{flat.numel()} bytes and {blocks} absmax do not hold a {tuple(shape)} weight "
+                         f"in blocks of {blocksize}")
     values = torch.empty(blocks * blocksize, dtype=torch.float32, device=packed.device)  # whole blocks
     pairs = 2 * flat.numel()
     torch.index_select(_byte_pairs(quant_type, packed.device), 0, flat.int(), out=values[:pairs].view(torch.int64))
