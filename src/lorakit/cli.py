@@ -26,7 +26,9 @@ COMMANDS: dict[str, str] = {
     "chat": "lorakit.commands.chat",
     "serve": "lorakit.commands.serve",
     "merge": "lorakit.commands.merge",
+    "export": "lorakit.commands.export",
     "inspect": "lorakit.commands.inspect",
+    "check": "lorakit.commands.check",
     "estimate": "lorakit.commands.estimate",
 }
 

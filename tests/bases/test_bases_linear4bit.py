@@ -77,7 +77,9 @@ def test_bf16_weight_dequantizes_to_bf16_and_multiplies_in_the_compute_dtype():
 
 def test_merging_is_refused_in_one_line():
     base = bases.frozen_base(quantize_linear(linear()))
-    with pytest.raises(bases.MergeRefused, match=r"^cannot merge into a 4-bit base \(Linear4bit\): its weight is stored quantized; keep the adapter unmerged$"):
+    with pytest.raises(bases.MergeRefused, match=r"^cannot merge into a 4-bit base \(Linear4bit\) in place: its weight is "
+                       r"stored quantized; keep the adapter unmerged, or merge_and_unload\(\) for a model merged onto "
+                       r"the de-quantized weights$"):
         base.assign(base.dense())
     assert "\n" not in MERGE_REFUSED
 
@@ -158,15 +160,15 @@ def test_the_kernels_call_the_4bit_base(monkeypatch):
     assert len(calls) == 14 - 3
 
 
-@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
-def test_merging_a_4bit_model_is_refused_and_leaves_it_untouched(how):
+def test_merging_a_4bit_model_in_place_is_refused_and_leaves_it_untouched():
     peft = get_peft_model(quantized_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     state = {n: t.clone() for n, t in peft.state_dict().items()}
     ids = torch.randint(0, 100, (1, 6))
     with torch.no_grad():
         out = logits(peft, ids)
-    with pytest.raises(bases.MergeRefused, match=f"^{MERGE_REFUSED.replace('(', '.').replace(')', '.')}$"):
-        getattr(peft, how)()
+    with pytest.raises(bases.MergeRefused) as refused:
+        peft.merge_adapter()
+    assert str(refused.value) == MERGE_REFUSED
     after = peft.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[n], state[n]) for n in state)
     assert not any(isinstance(m, Linear) and m.merged for m in peft.modules())

@@ -28,7 +28,8 @@ from . import quant4
 from .compute import product_dtype
 from .protocol import MergeRefused
 
-MERGE_REFUSED = "cannot merge into a 4-bit base (Linear4bit): its weight is stored quantized; keep the adapter unmerged"
+MERGE_REFUSED = ("cannot merge into a 4-bit base (Linear4bit) in place: its weight is stored quantized; keep the adapter "
+                 "unmerged, or merge_and_unload() for a model merged onto the de-quantized weights")
 
 
 class Linear4bit(nn.Module):
@@ -108,8 +109,31 @@ def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", blocksize: int =
     return layer.quantize_(weight)
 
 
+def dequantize_linear(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.Linear:
+    """The dense nn.Linear `layer` stands for: W de-quantized (to its weight dtype, then `dtype`)
+    and the bias, on its device; `layer` is untouched."""
+    weight = layer.dequantize(dtype)
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        dense.bias = nn.Parameter(layer.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
+    return dense.train(layer.training)
+
+
+def requantize_like(layer: Linear4bit, weight: Tensor, bias: Tensor | None) -> Linear4bit:
+    """A new Linear4bit with `layer`'s settings (quant type, blocksize, double quant, weight and
+    compute dtypes) holding `weight` (out, in) quantized and `bias`."""
+    new = Linear4bit(layer.in_features, layer.out_features, bias is not None, quant_type=layer.quant_type,
+                     blocksize=layer.blocksize, double_quant=layer.double_quant, weight_dtype=layer.weight_dtype,
+                     compute_dtype=layer.compute_dtype, device=layer.weight.device)
+    if bias is not None:
+        new.bias.data.copy_(bias.detach())
+    return new.quantize_(weight).train(layer.training)
+
+
 class Linear4bitBase:
-    """Linear4bit as a FrozenBase: products de-quantize W in the compute dtype; merging refuses."""
+    """Linear4bit as a FrozenBase: products de-quantize W in the compute dtype; merging in place
+    refuses, `merge_and_unload` merges onto `dequantized()` (a QuantizedBase)."""
 
     def __init__(self, module: Linear4bit) -> None:
         self.module = module
@@ -158,6 +182,12 @@ class Linear4bitBase:
 
     def assign(self, weight: Tensor) -> None:
         raise MergeRefused(MERGE_REFUSED)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        return dequantize_linear(self.module, dtype)
+
+    def requantized(self, weight: Tensor, bias: Tensor | None) -> Linear4bit:
+        return requantize_like(self.module, weight, bias)
 
 
 def product(layer: Linear4bit, a: Tensor, compute: torch.dtype, *, to_input: bool = False,

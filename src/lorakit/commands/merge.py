@@ -1,4 +1,9 @@
-"""`lorakit merge`: bake an adapter into its base model and save a plain transformers model dir."""
+"""`lorakit merge`: bake an adapter into its base model and save a standalone model dir.
+
+A 4-bit base (a 4-bit directory as --model, or --quantize: the base quantized as the QLoRA run
+that trained the adapter did) is merged onto its de-quantized weights; --requantize writes a
+4-bit directory again and prints the rounding that caused.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,19 @@ HELP = "merge an adapter into its base model and save a standalone model directo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="base model (default: the adapter's base model if available here, else smollm2-135m)")
+                        help="base model: a model dir (also a 4-bit one), built-in name, .gguf file or hub id "
+                             "(default: the adapter's base model if available here, else smollm2-135m)")
     parser.add_argument("--adapter", required=True, metavar="PATH", help="adapter directory")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dtype of the saved weights (default: float32)")
+    parser.add_argument("--quantize", default=None, choices=["nf4", "fp4"],
+                        help="quantize the base to 4 bits first, as the QLoRA run that trained the adapter did, "
+                             "and merge onto the de-quantized weights (a 4-bit --model dir needs no flag)")
+    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                        help="with --quantize: no double quantization of the scales (as the run had)")
+    parser.add_argument("--requantize", action="store_true",
+                        help="4-bit base: quantize the merged weights again and write a 4-bit directory "
+                             "(bitsandbytes' layout); prints the rounding it caused")
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="where to write the merged model (safetensors + tokenizer)")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
@@ -21,10 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from lorakit.export import merge_adapter_to_dir
+    from lorakit.export.merged import write_merged
 
+    quantization = None
+    if args.quantize is not None:
+        from lorakit.bases.quant_config import QuantConfig
+
+        quantization = QuantConfig(quant_type=args.quantize, double_quant=args.double_quant)
+    elif not args.double_quant:
+        raise ValueError("--no-double-quant applies with --quantize only")
     start = time.perf_counter()
-    out = merge_adapter_to_dir(args.model, args.adapter, args.output, overwrite=args.overwrite, dtype=args.dtype)
-    print(f"merged {args.adapter} into its base model -> {out} ({time.perf_counter() - start:.1f} s)")
-    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    result = write_merged(args.model, args.adapter, args.output, overwrite=args.overwrite, dtype=args.dtype,
+                          quantization=quantization, requantize=args.requantize)
+    onto = " (onto its de-quantized 4-bit weights)" if result.quantized else ""
+    print(f"merged {args.adapter} into its base model{onto} -> {result.path} ({time.perf_counter() - start:.1f} s)")
+    if result.report is not None:
+        print(result.report.line())
+        print(f"load it with lorakit.load_model({str(result.path)!r}) or transformers with bitsandbytes")
+    else:
+        print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(result.path)!r})")
     return 0

@@ -90,7 +90,7 @@ def _field(reader, key: str):
     return None if field is None else field.contents()
 
 
-def _heads(config, gguf_name: str) -> int | None:
+def rotary_heads(config, gguf_name: str) -> int | None:
     """The heads whose rotary pairs a q or k tensor's rows are permuted by; None for other tensors."""
     kind = gguf_name.split(".")[-2]
     if kind == "attn_q":
@@ -160,7 +160,7 @@ def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
     def dense(hf_name: str) -> Tensor:
         gguf_name, tensor = read(hf_name)
         value = gguf_blocks.dequantize(_raw(tensor), tensor.tensor_type, _shape(tensor), gguf_name)
-        heads = _heads(config, gguf_name) if arch.rope_permuted else None
+        heads = rotary_heads(config, gguf_name) if arch.rope_permuted else None
         value = value if heads is None else unpermute_rows(value, heads)
         if value.shape != params[hf_name].shape:
             raise ValueError(f"{path.name}: {gguf_name} has shape {tuple(value.shape)}, "
@@ -177,7 +177,7 @@ def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
             raise ValueError(f"{path.name}: {gguf_name} is ({out_features}, {in_features}), "
                              f"the model's {name} ({module.out_features}, {module.in_features})")
         blocks = _raw(tensor)
-        heads = _heads(config, gguf_name) if arch.rope_permuted else None
+        heads = rotary_heads(config, gguf_name) if arch.rope_permuted else None
         if heads is not None:  # whole rows of bytes move; nothing is de-quantized
             blocks = unpermute_rows(blocks.reshape(out_features, -1), heads)
         bias = dense(f"{name}.bias") if module.bias is not None else None
