@@ -112,19 +112,21 @@ def load_model(
     file's GGUF blocks instead of converting them to dense tensors (`models.gguf_packed`).
 
     `quantization` (a QuantConfig, "nf4" or "fp4") stores every linear layer but the output head
-    in 4 bits (lorakit's Linear4bit). Today that loads the full-precision model on the CPU first
-    and then quantizes it layer by layer (`quantize_model`), so peak memory is the full model
-    plus one layer; a streaming loader that never holds the full-precision model is still to
-    come. A directory already saved in 4 bits (a bitsandbytes `quantization_config`, as
-    transformers or `save_quantized` write it) loads through `load_quantized` whatever
-    `quantization` says: its layers stay as stored, `dtype` does not cast them, and the
-    full-precision weights never exist.
+    (and `skip_modules`) in 4 bits (lorakit's Linear4bit), streaming the safetensors checkpoint
+    (`models.stream.load_streaming`): the model is built on the meta device and each linear
+    weight is quantized on `device` as it is read, every other tensor copied in `dtype`, so peak
+    memory is the 4-bit model plus about one tensor, never the 16/32-bit model. The result equals
+    `from_pretrained(dtype=...)` followed by `quantize_model`, bit for bit. A hub id is fetched
+    first (its json and safetensors files); a checkpoint that is not safetensors is refused. A
+    directory already saved in 4 bits (a bitsandbytes `quantization_config`, as transformers or
+    `save_quantized` write it) loads through `load_quantized` whatever `quantization` says: its
+    layers stay as stored and `dtype` does not cast them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..bases.quant_config import QuantConfig
-    from .quantize import quantize_model
     from .quantized import bnb_4bit_config, load_quantized
+    from .stream import load_streaming
 
     config = None if quantization is None else QuantConfig.coerce(quantization)
     dev = pick_device(device)
@@ -140,6 +142,8 @@ def load_model(
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(path))
         if Path(path).is_dir() and bnb_4bit_config(path) is not None:
             return load_quantized(path).to(dev).eval(), tokenizer
+        if config is not None:
+            return load_streaming(_local_checkpoint(path), config, dtype=pick_dtype(dtype, dev), device=dev), tokenizer
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev))
     except OSError as e:
         if Path(path).is_dir():
@@ -148,6 +152,14 @@ def load_model(
         raise OSError(
             f"could not load {name_or_path!r} as a hub id (built-in models: {builtins}): {e}"
         ) from e
-    if config is not None:
-        model = quantize_model(model, config)
     return model.to(dev).eval(), tokenizer
+
+
+def _local_checkpoint(path: str) -> Path:
+    """A local directory as is; a hub id's config and safetensors files, fetched (what
+    from_pretrained would download), as a local directory."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))

@@ -35,6 +35,12 @@ def linear_targets(model: nn.Module, config: QuantConfig) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in dense]
 
 
+def check_targets(targets: list[str], config: QuantConfig) -> None:
+    """ValueError when `linear_targets` found nothing to quantize."""
+    if not targets:
+        raise ValueError(f"no nn.Linear layer left to quantize (the output head is kept; skip_modules={config.skip_modules!r})")
+
+
 def quantize_model(model: nn.Module, config: QuantConfig | str = "nf4") -> nn.Module:
     """Replace the model's nn.Linear layers by Linear4bit, in place, one layer at a time; returns it.
 
@@ -44,8 +50,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | str = "nf4") -> nn.Mo
     """
     config = QuantConfig.coerce(config)
     targets = linear_targets(model, config)
-    if not targets:
-        raise ValueError(f"no nn.Linear layer left to quantize (the output head is kept; skip_modules={config.skip_modules!r})")
+    check_targets(targets, config)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
