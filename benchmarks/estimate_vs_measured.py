@@ -11,8 +11,13 @@ glibc's malloc is told to hand every block of 64 KiB or more straight back to th
 (MALLOC_MMAP_THRESHOLD_), so resident memory follows the live tensors, as a GPU allocator's
 `max_memory_allocated` does, rather than what the heap kept after frees.
 
+QLoRA rows quantize the built model with lorakit (`quantize_model`, NF4 + double quantization)
+before the peak counter is reset: they measure the training steps on the 4-bit base, not the
+load (the fp32 model exists while it is quantized; `lorakit.load_model` streams instead).
+
     .venv/bin/python benchmarks/estimate_vs_measured.py            # the table in docs/estimate.md
     .venv/bin/python benchmarks/estimate_vs_measured.py --quick    # the two tiny models only
+    .venv/bin/python benchmarks/estimate_vs_measured.py --methods qlora    # the QLoRA rows only
 """
 
 from __future__ import annotations
@@ -56,9 +61,9 @@ def cases(quick: bool) -> list[Case]:
     if not quick:
         models.append(("smollm2-135m", "smollm2-135m", 2, 512, "all-linear", 16))
     return [
-        Case(label, model, method, ckpt, batch, seq, targets if method == "lora" else None, rank)
+        Case(label, model, method, ckpt, batch, seq, targets if method != "full" else None, rank)
         for label, model, batch, seq, targets, rank in models
-        for method in ("full", "lora")
+        for method in ("full", "lora", "qlora")
         for ckpt in (False, True)
     ]
 
@@ -72,21 +77,33 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _train_steps(config: dict[str, Any], case: Case, batch: int, seq: int, steps: int = 2) -> None:
+def _build(config: dict[str, Any], case: Case):
+    """The model in fp32 from its config; QLoRA: its linear layers (not the head) then stored in NF4."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **fields), dtype=torch.float32)
+    if case.method == "qlora":
+        from lorakit import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig("nf4", double_quant=True))
+    return model
+
+
+def _train_steps(config: dict[str, Any], case: Case, batch: int, seq: int, steps: int = 2, model: Any = None) -> None:
     """lorakit's training step (as lorakit.train runs it on a GPU): summed-token loss through
     lorakit.fast.loss.causal_lm_loss, backward, gradient clipping, fused AdamW, set_to_none."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from lorakit import LoraConfig, get_peft_model
     from lorakit.fast.loss import causal_lm_loss
 
-    fields = {k: v for k, v in config.items() if k != "model_type"}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **fields), dtype=torch.float32)
+    model = _build(config, case) if model is None else model
     model.train()
     if case.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if case.method == "lora":
+    if case.method != "full":
         targets = case.targets if case.targets == "all-linear" else case.targets.split(",")
         model = get_peft_model(model, LoraConfig(r=case.rank, lora_alpha=2 * case.rank, target_modules=targets))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -119,9 +136,13 @@ def measure(case: Case) -> int:
     _train_steps(_miniature(config), case, 2, 32)
     gc.collect()
     before = _rss_kib("VmRSS")
+    model = None
+    if case.method == "qlora":  # the 4-bit base resident, its quantization's transients gone
+        model = _build(config, case)
+        gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset VmHWM, the peak resident size, to the current size
-    _train_steps(config, case, case.batch, case.seq)
+    _train_steps(config, case, case.batch, case.seq, model=model)
     return (_rss_kib("VmHWM") - before) * 1024
 
 
@@ -131,7 +152,7 @@ def estimated(case: Case):
 
     return estimate(case.model, case.method, rank=case.rank, alpha=2 * case.rank, targets=case.targets,
                     batch_size=case.batch, seq_len=case.seq, dtype="fp32", optimizer="adamw",
-                    gradient_checkpointing=case.checkpointing)
+                    gradient_checkpointing=case.checkpointing, device="cpu")
 
 
 def run_child(case: Case) -> int:
@@ -149,6 +170,7 @@ def run_child(case: Case) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the two tiny models only")
+    parser.add_argument("--methods", default="full,lora,qlora", help="comma list of the methods to run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = parser.parse_args()
@@ -161,7 +183,8 @@ def main() -> None:
     print(header)
     print("|" + "---|" * 9)
     rows = []
-    for case in cases(args.quick):
+    methods = set(args.methods.split(","))
+    for case in [c for c in cases(args.quick) if c.method in methods]:
         est = estimated(case)
         start = time.perf_counter()
         peak = run_child(case)

@@ -1,10 +1,12 @@
-"""LoRA against full fine-tuning on the demo task, with the same data and number of steps.
+"""LoRA against full fine-tuning and QLoRA on the demo task, with the same data and number of steps.
 
-Trains the demo recipe (`examples/demo/recipe.yaml`) twice through the trainer: LoRA as written;
+Trains the demo recipe (`examples/demo/recipe.yaml`) through the trainer: LoRA as written;
 full fine-tuning with the same steps, batch and schedule, at a learning rate suited to updating
-every weight. Scores both on the held-out split and prints both scores and their ratio.
+every weight; QLoRA, the LoRA recipe on the base stored in NF4 (double quantization, `quantize:
+nf4`). Scores each on the held-out split (QLoRA on its 4-bit base) and prints the scores, LoRA's
+ratio to full fine-tuning and QLoRA's difference from LoRA in points (goal: within 3).
 
-    python benchmarks/quality.py [--full-lr 5e-5] [--max-steps N]
+    python benchmarks/quality.py [--full-lr 5e-5] [--max-steps N] [--methods lora,full,qlora]
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pathlib import Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-lr", type=float, default=5e-5, help="learning rate for full fine-tuning")
-    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps (both runs)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps (every run)")
+    parser.add_argument("--methods", default="lora,full,qlora", help="comma list of the rows to run")
     args = parser.parse_args()
+    wanted = args.methods.split(",")
 
     from lorakit.demo.run import demo_train_config, evaluate, find_data_dir, read_heldout
     from lorakit.models.inference import load_for_inference
@@ -32,21 +36,31 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         lora = demo_train_config(data, Path(tmp) / "lora", max_steps=args.max_steps, quiet=True)
-        full = dataclasses.replace(lora, method="full", lr=args.full_lr, output_dir=str(Path(tmp) / "full"))
-        for label, config in (("LoRA", lora), ("full fine-tuning", full)):
+        runs = {
+            "lora": ("LoRA", lora),
+            "full": ("full fine-tuning",
+                     dataclasses.replace(lora, method="full", lr=args.full_lr, output_dir=str(Path(tmp) / "full"))),
+            "qlora": ("QLoRA (NF4 base)",
+                      dataclasses.replace(lora, quantize="nf4", output_dir=str(Path(tmp) / "qlora"))),
+        }
+        for label, config in (runs[name] for name in wanted):
             start = time.perf_counter()
             result = train(config)
             seconds = time.perf_counter() - start
             score, _ = evaluate(result.model.eval(), tokenizer, prompts, references)
             rows.append((label, config.lr, result.steps, seconds, score))
             result.model = None
+    scores = dict(zip(wanted, (row[4] for row in rows)))
     print("| method | lr | steps | train time (s) | held-out exact match |")
     print("|---|---:|---:|---:|---:|")
     for label, lr, steps, seconds, score in rows:
         print(f"| {label} | {lr:g} | {steps} | {seconds:.0f} | {score:.1%} |")
-    lora_score, full_score = rows[0][4], rows[1][4]
-    ratio = lora_score / full_score if full_score else float("inf")
-    print(f"lora_score={lora_score:.3f} full_score={full_score:.3f} ratio={ratio:.2f}")
+    if "lora" in scores and "full" in scores:
+        lora_score, full_score = scores["lora"], scores["full"]
+        ratio = lora_score / full_score if full_score else float("inf")
+        print(f"lora_score={lora_score:.3f} full_score={full_score:.3f} ratio={ratio:.2f}")
+    if "lora" in scores and "qlora" in scores:
+        print(f"qlora_score={scores['qlora']:.3f} qlora_minus_lora_points={100 * (scores['qlora'] - scores['lora']):+.1f}")
     return 0
 
 

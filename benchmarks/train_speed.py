@@ -34,6 +34,22 @@ Their losses differ from the fp32 ones by bf16 rounding; `bf16_loss_rel_diff` co
 PEFT's, both in bf16. The summary line shows a ratio when a contender it is about ran, nan where
 the other one did not.
 
+QLoRA rows: `lorakit-qlora` and `lorakit-plain-qlora` (trainer step and plain API loop) run on
+lorakit's own 4-bit base, `load_model(..., quantization=QuantConfig("nf4", double_quant=True,
+compute_dtype=bfloat16))`: every decoder linear in NF4 with double quant, blocksize 64, the head
+and embeddings kept dense. `peft-qlora` is PEFT + transformers + bitsandbytes at the same settings
+(`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=bfloat16)`, device_map="cpu"), its adapter loaded from the same initial
+file, the plain loop; no `prepare_model_for_kbit_training` (it would upcast the kept weights to
+fp32 and turn on gradient checkpointing, which no other row has). The model's kept weights
+(embeddings, norms, head) are in the compute dtype: bf16 for these three, fp32 for their `-fp32`
+twins (`lorakit-qlora-fp32`, `lorakit-plain-qlora-fp32`, `peft-qlora-fp32`, compute fp32). Both
+libraries quantize the same weights to the same bytes; their losses differ by how each rounds the
+de-quantized weight and the products (bf16 noise), so `qlora_loss_rel_diff` compares lorakit's
+with PEFT's at each compute dtype. On a CPU without 16-bit matrix instructions lorakit multiplies
+bf16 values in fp32 (`bases.compute`) while bitsandbytes calls bf16 kernels, which such a CPU
+emulates slowly: `--only peft-qlora --warmup 0 --steps 1` then takes minutes.
+
 By default every position has a label (the workload of issue #4). With --prompt-share, as in
 instruction tuning with the prompt masked out (the demo's data: 35 % of tokens are answers),
 the first part of each row has label -100 for every contender.
@@ -82,11 +98,43 @@ def _fresh_adapter(base):
     return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
 
 
-def _make_initial_adapter(directory: str) -> None:
+# -- loading the base: dense, or in 4 bits (each contender names its loader) --------------------
+MODEL = "smollm2-135m"  # --model: another one (a tiny model directory for a quick check)
+
+
+def _dense(model: str, dtype: str):
+    from lorakit.models import load_model
+
+    return load_model(model, dtype=dtype, device="cpu")[0]
+
+
+def _lorakit_4bit(model: str, dtype: str):
+    """lorakit's NF4 + double quant base (QuantConfig's defaults), products in `dtype`."""
+    from lorakit import QuantConfig
+    from lorakit.models import load_model
+
+    config = QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=dtype)
+    return load_model(model, dtype=dtype, device="cpu", quantization=config)[0]
+
+
+def _bitsandbytes_4bit(model: str, dtype: str):
+    """transformers + bitsandbytes' NF4 + double quant base, products in `dtype` (bitsandbytes on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorakit.models.load import resolve_model_path
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(model), quantization_config=config,
+                                                dtype=getattr(torch, dtype), device_map="cpu")
+
+
+def _make_initial_adapter(directory: str, model_name: str = MODEL) -> None:
     """The adapter every LoRA contender starts from (lorakit's init, saved in PEFT's format)."""
     from lorakit.models import load_model
 
-    model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
+    model, _ = load_model(model_name, dtype="float32", device="cpu")
     _fresh_adapter(model).save_pretrained(directory)
 
 
@@ -161,7 +209,8 @@ def _floor(base, batch: dict, adapter_dir: str) -> StepLoss:
 class Contender:
     label: str  # the table's row name
     build: Callable[..., StepLoss]  # (base, batch, adapter_dir) -> the step's loss
-    dtype: str = "float32"  # the base's; adapters are fp32 in every LoRA contender
+    dtype: str = "float32"  # the base's (a 4-bit base's compute dtype); adapters are fp32 in every LoRA contender
+    load: Callable[[str, str], "nn.Module"] = _dense  # noqa: F821 (model, dtype) -> the base model
 
 
 CONTENDERS = {
@@ -177,19 +226,29 @@ CONTENDERS = {
     "peft-bf16": Contender("PEFT + transformers, bf16 base, fp32 adapters", _peft(), "bfloat16"),
     "lorakit-bf16": Contender("lorakit default, bf16 base, fp32 adapters", _lorakit(), "bfloat16"),
     "lorakit-plain-bf16": Contender("lorakit plain API, bf16 base, fp32 adapters", _lorakit_plain, "bfloat16"),
+    "peft-qlora": Contender("PEFT + bitsandbytes QLoRA (NF4, double quant, bf16 compute)", _peft(), "bfloat16",
+                            _bitsandbytes_4bit),
+    "lorakit-qlora": Contender("lorakit QLoRA (NF4, double quant, bf16 compute)", _lorakit(), "bfloat16",
+                               _lorakit_4bit),
+    "lorakit-plain-qlora": Contender("lorakit QLoRA plain API (NF4, double quant, bf16 compute)", _lorakit_plain,
+                                     "bfloat16", _lorakit_4bit),
+    "peft-qlora-fp32": Contender("PEFT + bitsandbytes QLoRA (NF4, double quant, fp32 compute)", _peft(), "float32",
+                                 _bitsandbytes_4bit),
+    "lorakit-qlora-fp32": Contender("lorakit QLoRA (NF4, double quant, fp32 compute)", _lorakit(), "float32",
+                                    _lorakit_4bit),
+    "lorakit-plain-qlora-fp32": Contender("lorakit QLoRA plain API (NF4, double quant, fp32 compute)",
+                                          _lorakit_plain, "float32", _lorakit_4bit),
 }
 
 
 def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, precision: str = "highest",
-         warmup: int = WARMUP) -> dict:
+         warmup: int = WARMUP, model: str = MODEL) -> dict:
     import torch
-
-    from lorakit.models import load_model
 
     contender = CONTENDERS[name]
     torch.set_float32_matmul_precision(precision)  # the same for every contender
     torch.manual_seed(0)
-    base, _ = load_model("smollm2-135m", dtype=contender.dtype, device="cpu")
+    base = contender.load(model, contender.dtype)
     base.train()
     batch = _batch(base.config.vocab_size, prompt_share)
     step_loss = contender.build(base, batch, adapter_dir)
@@ -294,6 +353,16 @@ def _summary(results: dict[str, dict]) -> str:
         ("plain_bf16_vs_train_step", ("lorakit-plain-bf16",), step("lorakit-plain-bf16", "lorakit-bf16"), ".2f"),
         ("plain_bf16_loss_rel_diff", ("lorakit-plain-bf16",), loss("lorakit-plain-bf16", "peft-bf16"), ".1e"),
     ]
+    # QLoRA at bf16 and fp32 compute: lorakit's trainer step and plain loop against PEFT + bitsandbytes
+    for suffix in ("", "-fp32"):
+        ref, key = f"peft-qlora{suffix}", suffix.replace("-", "_")
+        for mode, label in (("", "lorakit"), ("plain_", "lorakit-plain")):
+            me = f"{label}-qlora{suffix}"
+            figures += [
+                (f"{mode}qlora{key}_speed_vs_peft", (me,), speed(me, ref), ".2f"),
+                (f"{mode}qlora{key}_memory_vs_peft", (me,), peak(me, ref), ".2f"),
+                (f"{mode}qlora{key}_loss_rel_diff", (me,), loss(me, ref), ".1e"),
+            ]
     return " ".join(f"{key}={value:{fmt}}" for key, about, value, fmt in figures if results.keys() & set(about))
 
 
@@ -311,6 +380,7 @@ def main() -> int:
     parser.add_argument("--matmul-precision", choices=LEVELS, default="highest",
                         help="torch.set_float32_matmul_precision for every contender (medium: bf16 products "
                              "on CPUs with AMX, TF32 on NVIDIA GPUs)")
+    parser.add_argument("--model", default=MODEL, help="the base model (default %(default)s; the docs' tables use it)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)  # internal: run one, print JSON
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -319,19 +389,19 @@ def main() -> int:
 
     if args.contender:
         print(json.dumps(_run(args.contender, args.adapter_dir, args.steps, args.prompt_share, args.matmul_precision,
-                              args.warmup)))
+                              args.warmup, args.model)))
         return 0
 
     names = args.only or list(CONTENDERS)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
-        _make_initial_adapter(tmp)
+        _make_initial_adapter(tmp, args.model)
         for round_ in range(args.rounds):
             for name in names:
                 print(f"round {round_ + 1}/{args.rounds}: running {name} …", file=sys.stderr, flush=True)
                 out = subprocess.run(
                     [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps),
-                     "--warmup", str(args.warmup),
+                     "--warmup", str(args.warmup), "--model", args.model,
                      "--prompt-share", str(args.prompt_share), "--matmul-precision", args.matmul_precision],
                     capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
                 )

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
 
@@ -59,3 +64,64 @@ def test_a_missing_reference_gives_nan_and_no_contender_no_line():
     figures = _figures(train_speed._summary({"lorakit-plain": _result(2.5, 2.0, [10.0])}))
     assert set(figures.values()) == {"nan"} and "plain_vs_train_step" in figures
     assert train_speed._summary({"full": _result(3.0, 4.0, [10.0])}) == ""
+
+
+def test_qlora_ratios_compare_each_lorakit_row_with_peft_and_bitsandbytes_at_its_compute_dtype():
+    results = {
+        "peft-qlora": _result(4.0, 3.0, [10.0, 8.0]),
+        "lorakit-qlora": _result(2.0, 1.5, [10.0, 8.08]),
+        "lorakit-plain-qlora": _result(2.5, 1.8, [10.0, 8.0]),
+        "peft-qlora-fp32": _result(6.0, 5.0, [10.0, 8.0]),
+        "lorakit-qlora-fp32": _result(3.0, 2.0, [10.0, 8.0]),
+    }
+    figures = _figures(train_speed._summary(results))
+    assert figures["qlora_speed_vs_peft"] == "2.00" and figures["qlora_memory_vs_peft"] == "0.50"
+    assert figures["qlora_loss_rel_diff"] == "1.0e-02"
+    assert figures["plain_qlora_speed_vs_peft"] == "1.60" and figures["plain_qlora_memory_vs_peft"] == "0.60"
+    assert figures["qlora_fp32_speed_vs_peft"] == "2.00" and figures["qlora_fp32_memory_vs_peft"] == "0.40"
+    assert "plain_qlora_fp32_speed_vs_peft" not in figures  # lorakit-plain-qlora-fp32 did not run
+    assert "speed_vs_peft" not in figures
+    alone = _figures(train_speed._summary({"lorakit-plain-qlora-fp32": _result(3.0, 2.0, [10.0])}))
+    assert alone == {"plain_qlora_fp32_speed_vs_peft": "nan", "plain_qlora_fp32_memory_vs_peft": "nan",
+                     "plain_qlora_fp32_loss_rel_diff": "nan"}
+
+
+def tiny_model_dir(out: Path) -> Path:
+    """A 2-layer random Llama whose projections hold whole 64-blocks, and a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *(f"w{i}" for i in range(62))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow  # four contender processes (~10 s each on a quiet machine, mostly imports)
+def test_qlora_contenders_run_a_step_on_a_tiny_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = tiny_model_dir(tmp_path)
+    names = ["lorakit-qlora", "peft-qlora", "lorakit-plain-qlora-fp32", "peft-qlora-fp32"]
+    out = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model), "--only", *names, "--steps", "1",
+                          "--warmup", "1"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[-1].rstrip(" |").split() for line in lines[2:-1]}
+    assert set(rows) == {train_speed.CONTENDERS[n].label for n in names}
+    # both libraries start from the same adapter on the same 4-bit bytes: the losses agree within
+    # the de-quantizers' and bf16's rounding (fp32 compute: closer), and every row learns
+    losses = {n: [float(v) for v in rows[train_speed.CONTENDERS[n].label]] for n in names}
+    pairs = (("lorakit-qlora", "peft-qlora", 2e-3), ("lorakit-plain-qlora-fp32", "peft-qlora-fp32", 1e-4))
+    for mine, theirs, tolerance in pairs:
+        mine, theirs = losses[mine], losses[theirs]
+        assert all(abs(a - b) <= tolerance * b for a, b in zip(mine, theirs)), (mine, theirs)
+    assert all(curve[1] < curve[0] for curve in losses.values())
+    summary = _figures(lines[-1])
+    assert {"qlora_speed_vs_peft", "qlora_memory_vs_peft", "plain_qlora_fp32_loss_rel_diff"} <= set(summary)
+    assert summary["qlora_speed_vs_peft"] != "nan" and summary["plain_qlora_fp32_speed_vs_peft"] != "nan"

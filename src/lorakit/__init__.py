@@ -1,6 +1,7 @@
 """lorakit: fast, light LoRA fine-tuning for PyTorch, with PEFT-compatible adapters.
 
 The public names load on first use, so that `lorakit --help` does not wait for torch.
+transformers' Trainer and TRL's SFTTrainer / DPOTrainer for lorakit models: `lorakit.integrations`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ _EXPORTS = {
     "LoraModel": "lora.model",
     "PeftModel": "lora.peft_model",
     "QuantConfig": "bases.quant_config",
+    "RequantizeReport": "lora.quantized_merge",
     "get_peft_model": "lora.peft_model",
     "estimate": "estimate",
     "frozen_matmul_precision": "fast.precision",
     "load_model": "models.load",
     "load_quantized": "models.quantized",
+    "prepare_model_for_kbit_training": "models.kbit",
     "quantize_model": "models.quantize",
     "save_quantized": "models.quantized",
 }

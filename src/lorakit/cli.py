@@ -27,7 +27,9 @@ COMMANDS: dict[str, str] = {
     "serve": "lorakit.commands.serve",
     "merge": "lorakit.commands.merge",
     "quantize": "lorakit.commands.quantize",
+    "export": "lorakit.commands.export",
     "inspect": "lorakit.commands.inspect",
+    "check": "lorakit.commands.check",
     "estimate": "lorakit.commands.estimate",
 }
 

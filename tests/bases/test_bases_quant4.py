@@ -166,3 +166,53 @@ def test_double_quant_by_hand():
     assert dmap[0].item() == pytest.approx(-0.99297, abs=1e-5)  # the map's lowest value is not -1
     back = Q.dequantize_absmax(codes, nested, offset)
     assert back.tolist() == pytest.approx(absmax.tolist(), abs=0.01)
+
+
+# -- the de-quantizer's fast path against the obvious computation -----------------------------
+def obvious_dequantize(packed, absmax, shape, quant_type, blocksize):
+    """Nibble by nibble: code[index] times its block's absmax, fp32, as the format defines it."""
+    n = torch.Size(shape).numel()
+    flat = packed.reshape(-1).tolist()
+    indices = torch.tensor([nibble for byte in flat for nibble in (byte >> 4, byte & 0xF)][:n])
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (Q.code(quant_type)[indices] * scale).view(shape)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape,blocksize", [((17, 96), 64), ((3, 50), 64), ((1, 3), 64), ((5, 7), 128),
+                                             ((40, 96), 256), ((2, 4097), 4096), ((8, 64), 64)])
+def test_dequantize_is_the_nibble_by_nibble_product_bit_for_bit(quant_type, shape, blocksize):
+    # random bytes (every code, in both nibbles), odd element counts and partial last blocks
+    gen = torch.Generator().manual_seed(blocksize)
+    n = torch.Size(shape).numel()
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand(-(-n // blocksize), generator=gen) * 3
+    absmax[0] = 0  # an all-zero block: -1 * 0 is -0.0, as the plain product gives
+    reference = obvious_dequantize(packed, absmax, shape, quant_type, blocksize)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        mine = Q.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype)
+        assert same_bits(mine, reference.to(dtype))
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # rounded once to dtype, then expressed in out_dtype (a bf16 weight multiplied in fp32)
+            into = Q.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype, out_dtype)
+            assert same_bits(into, reference.to(dtype).to(out_dtype))
+
+
+def test_dequantize_absmax_is_the_plain_product_plus_offset():
+    gen = torch.Generator().manual_seed(5)
+    for blocks in (1, 255, 256, 700):
+        codes = torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=gen)
+        nested = torch.rand(-(-blocks // 256), generator=gen)
+        offset = torch.tensor(0.37)
+        expected = Q.dynamic_map()[codes.long()] * nested.repeat_interleave(256)[:blocks] + offset
+        assert torch.equal(Q.dequantize_absmax(codes, nested, offset), expected)
+
+
+def test_dequantize_refuses_bytes_that_do_not_fit_the_shape():
+    packed, absmax = Q.quantize_4bit(torch.randn(4, 64))
+    with pytest.raises(ValueError, match=r"^128 bytes and 4 absmax do not hold a \(4, 65\) weight in blocks of 64$"):
+        Q.dequantize_4bit(packed, absmax, (4, 65))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model, bases
+from lorakit.bases import bnb4bit
 from lorakit.bases.conv1d import Conv1DBase, conv1d_type
 from lorakit.bases.dense import DenseLinear
 from lorakit.bases.registry import _LINEAR
@@ -33,8 +34,9 @@ def test_a_linear_subclass_is_wrapped_but_called_through_its_own_forward():
 def test_the_one_error_names_module_type_and_what_is_adaptable():
     with pytest.raises(TypeError) as err:
         bases.check_adaptable("model.conv", nn.Conv2d(1, 1, 1))
+    bnb = "bitsandbytes' Linear4bit, " if bnb4bit.linear4bit_type() else ""  # listed once bitsandbytes is imported
     assert str(err.value) == (
-        "cannot adapt module 'model.conv' of type Conv2d; adaptable types are torch.nn.Linear, "
+        f"cannot adapt module 'model.conv' of type Conv2d; adaptable types are {bnb}torch.nn.Linear, "
         "transformers' Conv1D, lorakit's 4-bit Linear4bit, lorakit's GGUFLinear, torch.nn.Embedding"
     )
     model = tiny_llama()

@@ -92,3 +92,34 @@ def test_report_shows_right_answers_first():
     report = format_report(result, examples=2)
     assert "after fine-tuning:   50.0%" in report and "fine-tune wall time: 12 s" in report
     assert "request:  b" in report and "request:  d" in report and "request:  a" not in report
+
+
+def test_demo_with_quantize_nf4_trains_on_a_4bit_base_and_reports_its_memory(tiny_dir, tmp_path, capsys):
+    from lorakit.bases.linear4bit import Linear4bit
+    from lorakit.demo.memory import base_memory
+    from lorakit.models import load_model
+
+    data = tiny_task(tmp_path / "data")
+    out = tmp_path / "runs" / "demo"
+    assert cli.main(["demo", "--data-dir", str(data), "--output-dir", str(out), "--model", str(tiny_dir),
+                     "--max-steps", "2", "--quantize", "nf4"]) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuning with QLoRA (NF4 base, r=16, 2 steps of 8)" in printed
+    assert "quantize: nf4" in (out / "config.yaml").read_text()
+
+    # the figures are the base's own: the 4-bit model's tensors against its dense elements
+    dense_model, _ = load_model(str(tiny_dir))
+    dense = base_memory(dense_model)
+    quantized = load_model(str(tiny_dir), quantization="nf4")[0]
+    nf4 = base_memory(quantized, dense)
+    assert any(isinstance(m, Linear4bit) for m in quantized.modules())
+    buffers = sum(b.nbytes for b in dense_model.buffers())  # rotary frequencies
+    assert nf4.elements == dense.elements and dense.bytes == 4 * dense.elements + buffers
+    assert dense.bytes > nf4.bytes > sum(p.nbytes for p in quantized.parameters())
+    assert f"base weights in memory: {nf4.line()}" in printed
+    assert "held-out accuracy (exact JSON match" in printed and "adapter: " in printed
+
+
+def test_demo_quantize_flag_refuses_other_values(capsys):
+    assert cli.main(["demo", "--quantize", "int8"]) == 2
+    assert "--quantize" in capsys.readouterr().err

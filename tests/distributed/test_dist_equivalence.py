@@ -1,5 +1,5 @@
 """2 processes x batch 2 train what 1 process x batch 4 trains: DDP, FSDP, DDP with accumulation,
-FSDP full fine-tuning.
+FSDP full fine-tuning, DDP on an NF4 base (QLoRA).
 
 One torchrun launch runs all four (a launch costs more than the training here); the tests then
 compare each with one process, and resume a checkpoint with another number of processes.
@@ -17,12 +17,14 @@ from lorakit.train import ConfigError, load_train_config, train
 
 # every weight trains (the tied embedding/head too), activations recomputed in backward
 FULL = ["method=full", "lr=3e-3", "gradient_checkpointing=true"]
+QLORA = ["quantize=nf4"]  # the base in 4 bits on every rank (each quantizes the same files alike)
 
 RUNS = {  # name -> overrides; global batch 4 in each
     "ddp": ["batch_size=2"],
     "fsdp": ["batch_size=2", "distributed=fsdp"],
     "ddp_accum": ["batch_size=1", "grad_accum=2"],
     "fsdp_full": ["batch_size=2", "distributed=fsdp", *FULL],
+    "ddp_nf4": ["batch_size=2", *QLORA],
 }
 
 
@@ -63,9 +65,18 @@ def test_fsdp_full_fine_tuning_matches_one_process(launched, one_process):
     assert (out / "model/tokenizer.json").is_file()
 
 
+def test_ddp_on_a_4bit_base_matches_one_process(launched, one_process):
+    reference = one_process(*QLORA)
+    out = launched["root"] / "ddp_nf4"
+    assert_same_run(out, reference, range(1, 9))
+    assert "quantize: nf4" in (out / "config.yaml").read_text()
+    for file in ("trainable.safetensors", "optimizer.safetensors"):
+        assert max_difference(out / "checkpoints/step-8" / file, reference / "checkpoints/step-8" / file) < 5e-5
+
+
 def test_global_batch_is_logged_once_per_run(launched):
     stdout = launched["stdout"]  # both ranks' output: only rank 0 describes the run
-    assert stdout.count("2 processes (ddp): global batch 4 = batch_size 2 x grad_accum 1 x 2 processes") == 1
+    assert stdout.count("2 processes (ddp): global batch 4 = batch_size 2 x grad_accum 1 x 2 processes") == 2
     assert stdout.count("2 processes (fsdp): global batch 4 = batch_size 2 x grad_accum 1 x 2 processes") == 2
     assert stdout.count("2 processes (ddp): global batch 4 = batch_size 1 x grad_accum 2 x 2 processes") == 1
 

@@ -3,7 +3,13 @@
 `Linear4bit` is lorakit's own module (torch only): the packed weight and its absmax (8-bit with
 double quantization) are buffers, the bias a frozen parameter. Every product de-quantizes the
 whole layer's weight for that product only (never a copy of the model), as QLoRA does, so
-memory holds 4 bits per weight plus one layer in the compute dtype at a time.
+memory holds 4 bits per weight plus one layer in the compute dtype at a time: `product` is
+that de-quantize-then-multiply, the one function a fused kernel (a GPU GEMM reading the packed
+bytes) replaces. Under autograd the layer's own product saves nothing for backward (not x, not
+the de-quantized weight): backward de-quantizes again for g W, so the general (unfused) LoRA
+path holds no dense weights between forward and backward either. Keeping a layer's dense
+weight from forward to backward would save one de-quantization (1-3 % of a SmolLM2 layer's
+forward + backward on CPU) at the cost of a whole-model dense copy during the step: not done.
 
 Dtypes: `weight_dtype` is the dtype the weight was quantized from and de-quantizes to
 (bitsandbytes' QuantState.dtype); products run in `compute_dtype` when one is configured, else in
@@ -22,7 +28,8 @@ from . import quant4
 from .compute import product_dtype
 from .protocol import MergeRefused
 
-MERGE_REFUSED = "cannot merge into a 4-bit base (Linear4bit): its weight is stored quantized; keep the adapter unmerged"
+MERGE_REFUSED = ("cannot merge into a 4-bit base (Linear4bit) in place: its weight is stored quantized; keep the adapter "
+                 "unmerged, or merge_and_unload() for a model merged onto the de-quantized weights")
 
 
 class Linear4bit(nn.Module):
@@ -76,11 +83,11 @@ class Linear4bit(nn.Module):
         return quant4.dequantize_absmax(self.absmax, self.nested_absmax, self.offset, values=self.nested_quant_map)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """W (out, in) in `weight_dtype`, then cast to `dtype` when given."""
+        """W (out, in) in `weight_dtype`, then cast to `dtype` when given (de-quantized straight
+        into it: a bf16 weight wanted in fp32 is rounded in its fp32 buffer)."""
         shape = (self.out_features, self.in_features)
-        w = quant4.dequantize_4bit(self.weight, self.block_absmax(), shape, self.quant_type, self.blocksize,
-                                   self.weight_dtype)
-        return w if dtype is None else w.to(dtype)
+        return quant4.dequantize_4bit(self.weight, self.block_absmax(), shape, self.quant_type, self.blocksize,
+                                      self.weight_dtype, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return Linear4bitBase(self).linear(x)
@@ -102,8 +109,31 @@ def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", blocksize: int =
     return layer.quantize_(weight)
 
 
+def dequantize_linear(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.Linear:
+    """The dense nn.Linear `layer` stands for: W de-quantized (to its weight dtype, then `dtype`)
+    and the bias, on its device; `layer` is untouched."""
+    weight = layer.dequantize(dtype)
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        dense.bias = nn.Parameter(layer.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
+    return dense.train(layer.training)
+
+
+def requantize_like(layer: Linear4bit, weight: Tensor, bias: Tensor | None) -> Linear4bit:
+    """A new Linear4bit with `layer`'s settings (quant type, blocksize, double quant, weight and
+    compute dtypes) holding `weight` (out, in) quantized and `bias`."""
+    new = Linear4bit(layer.in_features, layer.out_features, bias is not None, quant_type=layer.quant_type,
+                     blocksize=layer.blocksize, double_quant=layer.double_quant, weight_dtype=layer.weight_dtype,
+                     compute_dtype=layer.compute_dtype, device=layer.weight.device)
+    if bias is not None:
+        new.bias.data.copy_(bias.detach())
+    return new.quantize_(weight).train(layer.training)
+
+
 class Linear4bitBase:
-    """Linear4bit as a FrozenBase: products de-quantize W in the compute dtype; merging refuses."""
+    """Linear4bit as a FrozenBase: products de-quantize W in the compute dtype; merging in place
+    refuses, `merge_and_unload` merges onto `dequantized()` (a QuantizedBase)."""
 
     def __init__(self, module: Linear4bit) -> None:
         self.module = module
@@ -133,17 +163,58 @@ class Linear4bitBase:
 
     def linear(self, x: Tensor) -> Tensor:
         compute = self.compute_dtype()
-        bias = self.bias
-        bias = None if bias is None else bias.to(compute)
-        return F.linear(x.to(compute), self.module.dequantize(compute), bias).to(x.dtype)
+        xw, bias = x.to(compute), self.bias
+        inner = None if bias is None or bias.requires_grad else bias.to(compute)  # a frozen bias joins the product
+        if torch.is_grad_enabled() and xw.requires_grad:
+            out = _Product.apply(xw, self, inner)
+        else:
+            out = product(self.module, xw, compute, bias=inner)
+        if bias is not None and inner is None:  # a bias made trainable: autograd adds it
+            out = out + bias.to(compute)
+        return out.to(x.dtype)
 
     def input_grad(self, grad: Tensor, into: Tensor | None = None) -> Tensor:
         compute = self.compute_dtype()
-        weight, grad = self.module.dequantize(compute), grad.to(compute)
-        return grad @ weight if into is None else into.addmm_(grad, weight)
+        return product(self.module, grad.to(compute), compute, to_input=True, into=into)
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.module.dequantize(dtype)
 
     def assign(self, weight: Tensor) -> None:
         raise MergeRefused(MERGE_REFUSED)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        return dequantize_linear(self.module, dtype)
+
+    def requantized(self, weight: Tensor, bias: Tensor | None) -> Linear4bit:
+        return requantize_like(self.module, weight, bias)
+
+
+def product(layer: Linear4bit, a: Tensor, compute: torch.dtype, *, to_input: bool = False,
+            bias: Tensor | None = None, into: Tensor | None = None) -> Tensor:
+    """a W^T (+ bias) for a (..., in), or with `to_input` a W for a (tokens, out), the product
+    that carries a gradient to the input (added into `into` when given); a in `compute`.
+
+    The one place a 4-bit weight meets a matrix product. W (out, in) is de-quantized in
+    `compute` for this product alone and freed when it returns, so memory holds one layer's dense
+    weight at a time. A fused de-quantize-and-multiply kernel (a GPU GEMM reading the packed
+    bytes and absmax) replaces the body of this function; nothing else changes.
+    """
+    w = layer.dequantize(compute)  # (out, in)
+    if not to_input:
+        return F.linear(a, w, bias)
+    return a @ w if into is None else into.addmm_(a, w)
+
+
+class _Product(torch.autograd.Function):
+    """x W^T (+ a frozen bias) with W de-quantized again in backward: saves nothing, not even x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, base: Linear4bitBase, bias: Tensor | None) -> Tensor:
+        ctx.base, ctx.shape = base, x.shape
+        return product(base.module, x, x.dtype, bias=bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        return ctx.base.input_grad(g).to(grad.dtype).reshape(ctx.shape), None, None

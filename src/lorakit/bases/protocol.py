@@ -66,3 +66,17 @@ class FrozenBase(Protocol):
     def assign(self, weight: Tensor) -> None:
         """Store a new (out, in) weight (merging); raises MergeRefused where the base cannot."""
         ...
+
+
+@runtime_checkable
+class QuantizedBase(Protocol):
+    """A base stored quantized that can stand in a dense layer for a merge (`merge_and_unload`):
+    merges go onto its de-quantized weight, the weight the adapter was trained against."""
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A dense nn.Linear holding W de-quantized (then cast to `dtype`) and the bias; self untouched."""
+        ...
+
+    def requantized(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
+        """A new layer of this kind, with this layer's quantization settings, holding `weight` (out, in)."""
+        ...

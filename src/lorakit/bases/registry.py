@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from . import bnb4bit
 from .conv1d import Conv1DBase, conv1d_type
 from .dense import DenseLinear
 from .gguf_linear import GGUFBase, GGUFLinear
@@ -33,6 +34,8 @@ register("torch.nn.Linear", nn.Linear, DenseLinear)
 register("transformers' Conv1D", conv1d_type, Conv1DBase)
 register("lorakit's 4-bit Linear4bit", Linear4bit, Linear4bitBase)
 register("lorakit's GGUFLinear", GGUFLinear, GGUFBase)
+# bitsandbytes' Linear4bit subclasses nn.Linear: first, and only once the user imported bitsandbytes
+register("bitsandbytes' Linear4bit", bnb4bit.linear4bit_type, bnb4bit.BnbLinear4bitBase, first=True)
 
 
 def frozen_base(module: nn.Module) -> FrozenBase | None:

@@ -17,6 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--alpha", type=float, default=32, metavar="X", help="default: 32")
     lora.add_argument("--targets", metavar="A,B,…|all-linear",
                       help="layers that get adapters (default: the engine's default for the architecture)")
+    qlora = parser.add_argument_group("QLoRA (--method qlora: lorakit's 4-bit base)")
+    qlora.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                       help="fp32 block scales instead of 8-bit ones with fp32 constants per 256")
+    qlora.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                       help="dtype of the 4-bit layers' products (default: --dtype)")
+    qlora.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                       help="cpu: products as lorakit runs them on this CPU (fp32 where it lacks 16-bit "
+                            "matrix instructions); default: gpu")
     run_group = parser.add_argument_group("training run")
     run_group.add_argument("--batch-size", type=int, default=1, metavar="N", help="default: 1")
     run_group.add_argument("--seq-len", type=int, default=2048, metavar="N", help="default: 2048")
@@ -48,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.method, rank=args.rank, alpha=args.alpha, targets=args.targets,
         batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
         master_weights=args.master_weights, gradient_checkpointing=args.gradient_checkpointing,
+        double_quant=args.double_quant, compute_dtype=args.compute_dtype, device=args.device,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_estimate(result))
     return 0

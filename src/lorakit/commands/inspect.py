@@ -10,7 +10,7 @@ HELP = "describe an adapter: config, ranks, adapted modules, parameter count, si
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter directory")
+    parser.add_argument("adapter", metavar="ADAPTER", help="adapter directory, or a llama.cpp LoRA adapter .gguf file")
     parser.add_argument("--json", action="store_true", help="print the facts as one JSON object")
 
 
@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
 
 def format_info(info: dict[str, Any]) -> str:
     """The facts as aligned `label  value` lines."""
+    if info.get("format") == "gguf":
+        return _aligned(_gguf_rows(info))
     targets = info["target_modules"]
     rows = [
         ("adapter", info["path"]),
@@ -43,6 +45,28 @@ def format_info(info: dict[str, Any]) -> str:
         rows.insert(9, ("modules to save", ", ".join(info["modules_to_save"])))
     if info["other_adapters"]:
         rows.append(("other adapters", ", ".join(info["other_adapters"]) + " (in sub-folders)"))
+    return _aligned(rows)
+
+
+def _gguf_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """A llama.cpp LoRA adapter GGUF: names and types are the base GGUF's."""
+    blocks = info["blocks"]
+    return [
+        ("adapter", f"{info['path']} (GGUF LoRA adapter)"),
+        ("architecture", info["architecture"] or "(not recorded)"),
+        ("base model", info["base_model"] or "(not recorded)"),
+        ("r / lora_alpha", f"{info['r']} / {info['lora_alpha']:g}  (llama.cpp scales each tensor by alpha / its rank)"),
+        ("ranks in file", ", ".join(map(str, info["ranks"])) or "none"),
+        ("target tensors", ", ".join(info["target_modules"])
+                           + (f"  (blocks {blocks[0]}-{blocks[1]})" if blocks else "")),
+        ("adapted tensors", str(info["n_modules"])),
+        ("outtype", f"{info['outtype'] or '(not recorded)'}  (tensor types {', '.join(info['dtypes'])})"),
+        ("parameters", f"{info['n_parameters']:,} in {info['n_tensors']} tensors"),
+        ("size on disk", _size(info["size_bytes"])),
+    ]
+
+
+def _aligned(rows: list[tuple[str, str]]) -> str:
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 

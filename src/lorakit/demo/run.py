@@ -4,6 +4,10 @@ Offline and CPU-sized: score the held-out split with the base model, fine-tune w
 the recipe beside the data through the trainer API, score again with the saved adapter, and
 report both scores, a few answers side by side, the fine-tune's wall time and where the adapter is.
 
+`quantize="nf4"` (`lorakit demo --quantize nf4`) is QLoRA: the base is stored in 4 bits before
+the first score, trained on and scored with the adapter, and the report compares the memory its
+weights take with the 16- and 32-bit base's.
+
 The recipe and data live in the repository (`examples/demo/{recipe.yaml,train.jsonl,heldout.jsonl}`);
 an installed wheel does not carry them, so outside a checkout pass `data_dir` (`lorakit demo --data-dir DIR`).
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .memory import BaseMemory, base_memory
 from .task import MAX_NEW_TOKENS, accuracy, score
 
 DEFAULT_OUTPUT = Path("runs/demo")
@@ -38,6 +43,7 @@ class DemoResult:
     after_answers: list[str] = field(default_factory=list)
     eval_seconds: float = 0.0  # both held-out evaluations together
     train_info: dict[str, Any] = field(default_factory=dict)
+    memory: BaseMemory | None = None  # the base's weights in memory (QLoRA: 4-bit vs 16/32-bit)
 
 
 def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -88,11 +94,13 @@ def run_demo(
     model: str | None = None,
     max_steps: int | None = None,
     frozen_matmul_precision: str = "highest",
+    quantize: str = "none",
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Evaluate, fine-tune, evaluate again; the adapter is left in `output_dir` (replaced each run).
 
-    `model` and `max_steps` default to the recipe's.
+    `model` and `max_steps` default to the recipe's. `quantize` ("nf4", "fp4"): QLoRA, every score
+    and the fine-tune on the base stored in 4 bits.
     """
     from ..lora.peft_model import PeftModel
     from ..models.inference import load_for_inference, quiet_loading
@@ -103,9 +111,18 @@ def run_demo(
     out = Path(output_dir)
     # a progress bar only where someone watches it; a log file gets plain lines
     config = demo_train_config(data, out, model, max_steps, quiet=not sys.stderr.isatty(),
-                               frozen_matmul_precision=frozen_matmul_precision)
+                               frozen_matmul_precision=frozen_matmul_precision, quantize=quantize)
     log(f"loading {config.model} (converted from its GGUF on first use)")
     base, tokenizer = load_for_inference(config.model, [])
+    memory = None
+    if config.quantize != "none":
+        from ..models.quantize import quantize_model
+
+        # the trainer quantizes the same weights alike: both scores use the base the adapter trains on
+        dense = base_memory(base)
+        quantize_model(base, config.quant_config())
+        memory = base_memory(base, dense)
+        log(f"stored its linear layers in {config.quantize.upper()}: {memory.line()}")
 
     log(f"scoring the base model on {len(prompts)} held-out requests")
     start = time.perf_counter()
@@ -113,7 +130,8 @@ def run_demo(
     eval_seconds = time.perf_counter() - start
     log(f"  held-out accuracy before: {before:.0%} ({eval_seconds:.0f} s)")
 
-    log(f"fine-tuning with LoRA (r={config.r}, {config.max_steps} steps of {config.batch_size}) -> {out}")
+    what = "LoRA (" if memory is None else f"QLoRA ({config.quantize.upper()} base, "
+    log(f"fine-tuning with {what}r={config.r}, {config.max_steps} steps of {config.batch_size}) -> {out}")
     start = time.perf_counter()
     with quiet_loading():
         result = train(config)
@@ -128,7 +146,7 @@ def run_demo(
     return DemoResult(
         before, after, train_seconds, result.adapter_dir, [p[-1]["content"] for p in prompts],
         references, before_answers, after_answers, eval_seconds,
-        {"steps": result.steps, "train_loss": result.train_loss, "train_time_s": result.train_time_s},
+        {"steps": result.steps, "train_loss": result.train_loss, "train_time_s": result.train_time_s}, memory,
     )
 
 
@@ -143,6 +161,7 @@ def format_report(result: DemoResult, examples: int = 3) -> str:
         f"fine-tune wall time: {result.train_seconds:.0f} s"
         + (f" ({result.train_info['train_time_s']:.0f} s of training steps)" if result.train_info else "")
         + (f"; evaluation: {result.eval_seconds:.0f} s" if result.eval_seconds else ""),
+        *([f"base weights in memory: {result.memory.line()}"] if result.memory else []),
         "",
     ]
     for i in pick_examples(result, examples):
@@ -177,7 +196,7 @@ def _clip(text: str, width: int = 100) -> str:
 # -- the trainer's side ----------------------------------------------------------------------
 def demo_train_config(
     data_dir: Path, output_dir: Path, model: str | None = None, max_steps: int | None = None,
-    quiet: bool = False, frozen_matmul_precision: str = "highest",
+    quiet: bool = False, frozen_matmul_precision: str = "highest", quantize: str = "none",
 ) -> Any:
     """The recipe in `data_dir` as a TrainConfig on the train.jsonl beside it (None: the recipe's value).
 
@@ -188,7 +207,7 @@ def demo_train_config(
     config = load_train_config(
         Path(data_dir) / RECIPE, data=str(Path(data_dir) / "train.jsonl"), output_dir=str(output_dir),
         overwrite=True, quiet=quiet, frozen_matmul_precision=frozen_matmul_precision, model=model,
-        max_steps=max_steps,
+        max_steps=max_steps, quantize=quantize,
     )
     if config.max_steps is not None and config.warmup_steps > config.max_steps:
         config = dataclasses.replace(config, warmup_steps=config.max_steps)

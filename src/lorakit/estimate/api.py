@@ -20,6 +20,7 @@ GiB = 1024**3
 GPUS: tuple[tuple[str, int], ...] = (("24 GB", 24 * GiB), ("40 GB", 40 * GiB), ("48 GB", 48 * GiB), ("80 GB", 80 * GiB))
 OPTIMIZERS = tuple(M.OPTIMIZER_STATES)
 MASTER_WEIGHTS = ("fp32", "none")
+DEVICES = ("gpu", "cpu")  # cpu: products as lorakit runs them on this machine's CPU (bases.compute)
 # Architectures whose decoder layer the activation formula describes exactly.
 LLAMA_STYLE = ("llama", "mistral", "qwen2")
 
@@ -97,6 +98,9 @@ def estimate(
     optimizer: str = "adamw",
     master_weights: str = "fp32",
     gradient_checkpointing: bool = False,
+    double_quant: bool = True,
+    compute_dtype: str | None = None,
+    device: str = "gpu",
 ) -> Estimate:
     """Size a fine-tuning run of `model` (preset name, config.json, model directory or config dict).
 
@@ -104,8 +108,16 @@ def estimate(
     the pure functions in `activations`, `loss` and `memory` beside this module. `targets=None`
     uses the engine's default for the architecture; "all-linear" or a list/comma string of layer
     names otherwise. Bad values raise ValueError naming the CLI flag (`--seq-len`, …).
+
+    QLoRA (`method="qlora"`) sizes lorakit's own 4-bit base (`bases.linear4bit`, NF4 or FP4 alike):
+    `double_quant` as QuantConfig's; `compute_dtype` (None: `dtype`) is the products' dtype,
+    which on a `device="cpu"` without 16-bit matrix instructions is fp32 (`bases.compute`).
     """
     _check_choices(method, dtype, optimizer, master_weights)
+    if compute_dtype is not None and compute_dtype not in M.DTYPE_BYTES:
+        raise ValueError(f"--compute-dtype must be one of {', '.join(M.DTYPE_BYTES)}, got {compute_dtype!r}")
+    if device not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     _check_positive(batch_size=batch_size, seq_len=seq_len)
     label, config = _config(model)
     lora = None
@@ -116,8 +128,9 @@ def estimate(
         facts = model_facts(config, method, lora)
     except ValueError as err:
         raise ValueError(f"--targets: {err}" if "target_modules" in str(err) else str(err)) from None
+    product = _product_dtype(compute_dtype or dtype, device)
     mem = _memory(facts, method, batch_size, seq_len, M.DTYPE_BYTES[dtype], optimizer,
-                  master_weights == "fp32", gradient_checkpointing)
+                  master_weights == "fp32", gradient_checkpointing, double_quant, M.DTYPE_BYTES[product])
     return Estimate(
         model=label,
         model_type=facts.model_type,
@@ -136,24 +149,27 @@ def estimate(
         adapter_file_bytes=safetensors_file_bytes(facts.adapter_tensors) if lora else None,
         fits=tuple(_fit(name, capacity, mem.total) for name, capacity in GPUS),
         assumptions=_assumptions(facts.model_type, method, dtype, optimizer, master_weights, gradient_checkpointing,
-                                 facts.fused_loss),
+                                 facts.fused_loss, double_quant, product),
     )
 
 
 def _memory(
-    facts: ModelFacts, method: str, batch: int, seq: int, b: int, optimizer: str, master: bool, checkpointing: bool
+    facts: ModelFacts, method: str, batch: int, seq: int, b: int, optimizer: str, master: bool, checkpointing: bool,
+    double_quant: bool = True, product_bytes: int | None = None,
 ) -> Memory:
     adapter = facts.params.total - facts.base_params
     trainable = facts.params.trainable
     full = method == "full"
     param_bytes = b if full else ADAPTER_BYTES
-    weights = M.weight_bytes(facts.base_params, adapter, b, facts.quantizable if method == "qlora" else 0)
+    qlora = method == "qlora"
+    weights = M.weight_bytes(facts.base_params, adapter, b, facts.body_linears if qlora else (), double_quant)
     gradients = M.gradient_bytes(trainable, param_bytes)
     optimizer_states = M.optimizer_bytes(trainable, optimizer, param_bytes, master)
     activations = activation_bytes(facts.shape, batch, seq, b, None if full else facts.adapted, checkpointing,
-                                   fused_blocks=method == "lora" and facts.model_type in FUSED_BLOCK_TYPES)  # not on bitsandbytes layers
-    if method == "qlora":  # one base weight at a time is dequantised to `dtype` for its matmul
-        activations = Activations(activations.kept + facts.largest_linear * b, activations.recompute, activations.working)
+                                   fused_blocks=not full and facts.model_type in FUSED_BLOCK_TYPES)
+    if qlora:  # one 4-bit weight at a time is de-quantized for its product, beside a layer's backward
+        transient = M.dequantized_bytes(facts.largest_linear, b, product_bytes or b)
+        activations = Activations(activations.kept, activations.recompute, activations.working + transient)
     if facts.fused_loss:
         loss = fused_loss_bytes(facts.shape, batch, seq, b, head_trains=full)
     else:
@@ -168,14 +184,30 @@ def _fit(name: str, capacity: int, total: int) -> GpuFit:
     return GpuFit(name, capacity, total <= capacity, round(100 * total / capacity, 1))
 
 
+def _product_dtype(dtype: str, device: str) -> str:
+    """The dtype lorakit's products of a `dtype` weight run in on `device` (bases.compute)."""
+    if device == "gpu":
+        return dtype
+    import torch
+
+    from ..bases.compute import product_dtype
+
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    chosen = product_dtype(names[dtype], torch.device("cpu"))
+    return next(name for name, value in names.items() if value == chosen)
+
+
 def _assumptions(
-    model_type: str, method: str, dtype: str, optimizer: str, master: str, checkpointing: bool, fused_loss: bool
+    model_type: str, method: str, dtype: str, optimizer: str, master: str, checkpointing: bool, fused_loss: bool,
+    double_quant: bool = True, product: str | None = None,
 ) -> str:
     """The one line that says what the memory figures assume."""
+    scales = "8-bit scales per 64 + fp32 per 256" if double_quant else "fp32 scales per 64"
     weights = {
         "full": f"{dtype} weights",
         "lora": f"{dtype} base + fp32 adapters",
-        "qlora": f"NF4 base (4.127 bits; embeddings, norms and head in {dtype}) + fp32 adapters",
+        "qlora": f"4-bit base as lorakit stores it (codes + {scales}; embeddings, norms and head in {dtype}), "
+                 f"one layer de-quantized at a time for its {product or dtype} product + fp32 adapters",
     }
     master_copy = method == "full" and master == "fp32" and dtype != "fp32"
     state_dtype = dtype if method == "full" and not master_copy else "fp32"

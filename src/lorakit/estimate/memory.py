@@ -7,18 +7,45 @@ micro-batch per step (with gradient accumulation the gradients stay alive during
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .activations import ADAPTER_BYTES, Activations
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # QLoRA (Dettmers et al. 2023, sec. 3): 4-bit codes,
 # 8-bit absmax per 64 weights, fp32 constants per 256 absmax (double quantisation) = 4.127 bits
+BLOCKSIZE = 64  # weights per absmax (QuantConfig's default)
+NESTED_BLOCKSIZE = 256  # absmax values per fp32 nested absmax (bases.quant4.ABSMAX_BLOCKSIZE)
+MAP_ENTRIES = 256  # the 8-bit dynamic map each double-quantised layer carries (fp32)
 OPTIMIZER_STATES = {"adamw": 2, "adamw8bit": 2, "sgd": 0}  # states per trainable parameter
 STATE_BYTES_8BIT = 1  # bitsandbytes' 8-bit Adam: one byte per state value (block constants ignored)
 
 
-def weight_bytes(base: int, adapter: int, dtype_bytes: int, quantized: int = 0) -> int:
-    """Base weights in `dtype` (`quantized` of them in NF4 instead), adapters in fp32."""
-    return round(quantized * NF4_BITS / 8) + (base - quantized) * dtype_bytes + adapter * ADAPTER_BYTES
+def linear4bit_bytes(n: int, double_quant: bool = True, blocksize: int = BLOCKSIZE) -> int:
+    """One weight of `n` elements as lorakit's Linear4bit stores it (bitsandbytes' layout).
+
+    uint8 codes, two a byte; one absmax per block of `blocksize`: fp32, or with double
+    quantisation a uint8 code plus an fp32 nested absmax per 256 codes, an fp32 offset and the
+    256-entry fp32 map. (The bias, if any, stays a dense parameter.)
+    """
+    blocks = -(-n // blocksize)
+    codes = -(-n // 2)
+    if not double_quant:
+        return codes + 4 * blocks
+    return codes + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4 + 4 * MAP_ENTRIES
+
+
+def weight_bytes(base: int, adapter: int, dtype_bytes: int, quantized: Sequence[int] = (),
+                 double_quant: bool = True) -> int:
+    """Base weights in `dtype` (the `quantized` linear weights, by size, in 4 bits instead), adapters in fp32."""
+    four_bit = sum(linear4bit_bytes(n, double_quant) for n in quantized)
+    return four_bit + (base - sum(quantized)) * dtype_bytes + adapter * ADAPTER_BYTES
+
+
+def dequantized_bytes(n: int, weight_bytes: int, product_bytes: int) -> int:
+    """The transient of one 4-bit layer's product: its weight de-quantized to the weight's dtype,
+    then cast to the product's dtype when that differs (both alive while it is cast)."""
+    return n * (weight_bytes + (product_bytes if product_bytes != weight_bytes else 0))
 
 
 def gradient_bytes(trainable: int, param_bytes: int) -> int:

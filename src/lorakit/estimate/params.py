@@ -44,13 +44,22 @@ class ModelFacts:
     shape: Shape
     params: ParamCount
     base_params: int  # parameters of the base model alone
-    quantizable: int  # weights of the Linear layers QLoRA stores in 4 bit (all but the output head)
+    body_linears: tuple[int, ...]  # size of each Linear weight QLoRA stores in 4 bits (all but the output head)
     head_params: int  # the output layer's weight (its gradient arrives first in backward)
     tied_head: bool  # the head is the input embedding (its gradient is made twice and summed)
-    largest_linear: int  # the biggest Linear weight (QLoRA dequantises one at a time)
     fused_loss: bool  # lorakit's chunked linear cross-entropy applies (lorakit.fast.loss)
     adapted: dict[str, int]  # short name of each adapted layer (q_proj, …) -> rank, as in one layer
     adapter_tensors: tuple[tuple[str, tuple[int, ...]], ...]  # (PEFT file key, shape) of the adapter
+
+    @property
+    def quantizable(self) -> int:
+        """Weights QLoRA stores in 4 bits."""
+        return sum(self.body_linears)
+
+    @property
+    def largest_linear(self) -> int:
+        """The biggest of them (QLoRA de-quantises one at a time)."""
+        return max(self.body_linears, default=0)
 
 
 def model_facts(config: dict[str, Any], method: str, lora: dict[str, Any] | None) -> ModelFacts:
@@ -83,8 +92,7 @@ def _cached_facts(key: str) -> ModelFacts:
     inputs = model.get_input_embeddings()
     tied = output is not None and inputs is not None and output.weight is inputs.weight
     common = dict(model_type=model.config.model_type, shape=shape, base_params=base_params,
-                  quantizable=sum(body_linears), head_params=head_params, tied_head=tied,
-                  largest_linear=max(body_linears, default=0))
+                  body_linears=tuple(body_linears), head_params=head_params, tied_head=tied)
     if method == "full":
         return ModelFacts(params=ParamCount(base_params, base_params), adapted={}, adapter_tensors=(),
                           fused_loss=fused_head(model) is not None, **common)

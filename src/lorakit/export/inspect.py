@@ -15,17 +15,22 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 
 def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
-    """What an adapter dir holds: its config, ranks, adapted modules, parameters and bytes on disk.
+    """What an adapter dir holds: its config, ranks, adapted modules, parameters and bytes on disk
+    (a ``.gguf`` file: what `gguf_adapter.inspect_gguf_adapter` reads from it).
 
     Counts come from the weight file's tensors (shapes only, nothing is loaded for safetensors),
     so they describe the file as it is, whatever its config claims.
     """
     from ..models.inference import check_adapter_dir
 
+    if os.fspath(path).lower().endswith(".gguf"):  # llama.cpp's LoRA adapter file
+        from .gguf_adapter import inspect_gguf_adapter
+
+        return inspect_gguf_adapter(path)
     directory = Path(path)
     check_adapter_dir(directory)
     config = LoraConfig.from_pretrained(directory)
-    table = _tensor_table(directory)
+    table = tensor_table(directory)
     shapes = {k: shape for k, (shape, _) in table.items()}
     # lora_A is (r, in_features), lora_embedding_A (r, num_embeddings): one per adapted module
     ranks = {key.rsplit(".lora_", 1)[0]: shape[0] for key, shape in shapes.items() if key.endswith(_LORA_A)}
@@ -62,7 +67,7 @@ def _weights_file(directory: Path) -> Path:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}")
 
 
-def _tensor_table(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def tensor_table(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor's (shape, dtype); safetensors are read from the header alone."""
     weights = _weights_file(directory)
     if weights.name == WEIGHTS_NAME:

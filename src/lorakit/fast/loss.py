@@ -62,6 +62,8 @@ def fused_output(model: nn.Module, kwargs: dict):
     labels = kwargs.get("labels")
     if labels is None or not (model.training and torch.is_grad_enabled()) or not set(kwargs) <= _PLAIN_CALL:
         return None
+    if torch.is_autocast_enabled(labels.device.type):
+        return None  # mixed precision (Trainer's bf16/fp16): transformers' own head and loss
     fused = fused_head(model)
     if fused is None:
         return None

@@ -87,6 +87,31 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
+def atomic_files(*finals: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yield an empty temp path beside each of `finals`; when the block succeeds, each is flushed and
+    renamed onto its final path (in order). On error every temp file is removed and no final path
+    is touched, so a writer that streams a large file (a GGUF) never leaves it half-written."""
+    temps: list[Path] = []
+    try:
+        for final in map(Path, finals):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield temps
+        for tmp in temps:
+            _fsync_file(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; an exported file is normally shared
+        for tmp, final in zip(temps, map(Path, finals)):
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success it is renamed to `final` in one step.
 

@@ -117,12 +117,17 @@ class LoraLayer(nn.Module):
         """The base weight with adapter `name` merged in, plus what unmerging needs (DoRA's norm)."""
         return LF.merge(weight, self._delta(name)), None
 
-    def merge_is_finite(self, adapter_names: list[str] | None = None) -> bool:
-        """Would merging these adapters give finite weights? Computed aside, the layer is untouched."""
-        weight = self._weight()
+    def merged_aside(self, adapter_names: list[str] | None = None, weight: Tensor | None = None) -> Tensor:
+        """The base weight (or `weight`, laid out as `_weight()`) with these adapters merged,
+        computed aside: the layer is untouched."""
+        weight = self._weight() if weight is None else weight
         for name in self._pending(adapter_names):
             weight, _ = self.merged_weight(name, weight)
-        return bool(torch.isfinite(weight).all())
+        return weight
+
+    def merge_is_finite(self, adapter_names: list[str] | None = None) -> bool:
+        """Would merging these adapters give finite weights? Computed aside, the layer is untouched."""
+        return bool(torch.isfinite(self.merged_aside(adapter_names)).all())
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         for name in self._pending(adapter_names):

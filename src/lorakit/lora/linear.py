@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bases import FrozenBase
+from ..bases import FrozenBase, frozen_base
 from ..fast import recompute
 from ..fast.kernels import Adapted, lora_linear
 from . import functional as LF
@@ -63,6 +63,18 @@ class Linear(LoraLayer):
 
     def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         return self.base.device, self.base.dtype
+
+    def replace_base(self, module: nn.Module) -> None:
+        """Put `module` under the adapters in place of the base layer (a de-quantized copy of a
+        4-bit base for `merge_and_unload`, or the 4-bit layer made from the merged weights)."""
+        base = frozen_base(module)
+        if base is None or (base.in_features, base.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"cannot put {type(module).__name__} under a LoRA layer of shape "
+                             f"({self.out_features}, {self.in_features})")
+        self.base_layer = module
+        self.__dict__["base"] = base
+        self.fan_in_fan_out = base.transposed
+        self._adapters_changed()
 
     def update_layer(
         self,
@@ -197,6 +209,8 @@ class Linear(LoraLayer):
 
     def fast_plan(self, names: Sequence[str]) -> FastPlan | None:
         """The plan when `names` asks for one adapter the fused kernel covers, else None."""
+        if torch.is_autocast_enabled(self.base.device.type):
+            return None  # the kernels pick their own dtypes; under autocast (Trainer's bf16/fp16) the general path
         key = (tuple(names), self.training)
         if key not in self._plans:
             present = [n for n in names if n in self.r]

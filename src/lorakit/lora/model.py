@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
+from . import quantized_merge
 from ..fast import attention, fusion
 from .config import LoraConfig
 from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper, wrapper_for
@@ -45,6 +46,10 @@ class LoraModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        """The model with its active adapters (PEFT's LoraModel.forward); handles route their own."""
+        return self.model(*args, **kwargs)
 
     # -- walking ------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
@@ -231,11 +236,21 @@ class LoraModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None, *,
+        dtype: torch.dtype | str | None = None, requantize: bool = False,
     ) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain base model."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        """Merge the adapters into the base weights and return the plain base model.
+
+        On quantized (4-bit) layers the merge goes onto their de-quantized weights and they come
+        back dense, in `dtype` (default: the dtype they were quantized from), or with
+        `requantize=True` quantized again (`lora.quantized_merge`; the rounding it caused is
+        `model.lorakit_requantize_report`).
+        """
         merged = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        if requantize or dtype is not None or quantized_merge.has_quantized(self.model):
+            return quantized_merge.merge_and_unload(self, merged, safe_merge=safe_merge, dtype=dtype,
+                                                    requantize=requantize)
+        self.merge_adapter(merged, safe_merge=safe_merge)
         return self._unload(keep=merged)
 
     def unload(self) -> nn.Module:

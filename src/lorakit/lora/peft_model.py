@@ -6,9 +6,11 @@ with every call (see routing.py), so handles never disturb each other, even acro
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -50,6 +52,27 @@ class PeftModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The model the adapters live in (its layers wrapped in place), as PEFT's `get_base_model`."""
+        return self.base_model.model
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """transformers' Trainer reads this when it starts; it is also the one place where a plain
+        `transformers.Trainer` (or TRL trainer) meets a lorakit model, which it cannot save or resume
+        (it looks for `peft.PeftModel`): lorakit.integrations' trainers are then the fix."""
+        if not _KNOWN_TRAINER.get():
+            raise TypeError(
+                "transformers' Trainer and TRL's trainers treat a lorakit model as a plain model (it would save "
+                "the whole model, not the adapter): use `from lorakit.integrations import Trainer` "
+                "(or SFTTrainer, DPOTrainer)"
+            )
+        base = self.get_base_model()
+        if hasattr(base, "accepts_loss_kwargs"):
+            return bool(base.accepts_loss_kwargs)
+        params = inspect.signature(base.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -162,19 +185,20 @@ class PeftModel(nn.Module):
         return any(name not in self._owned for name in self.peft_config)
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None, *,
+        dtype: torch.dtype | str | None = None, requantize: bool = False,
     ) -> nn.Module:
         """Merge this handle's adapter(s) and return a plain model.
 
         On a base that only this handle uses, the base is merged in place (PEFT's behaviour, no copy).
         On a base shared with other handles, the merge happens on a copy: the shared base and the
-        other handles keep working unchanged.
+        other handles keep working unchanged. lorakit's own keywords, for 4-bit bases (merged onto
+        their de-quantized weights): `dtype` of the layers that come back dense, `requantize=True`
+        to quantize the merged ones again (LoraModel.merge_and_unload).
         """
         names = list(adapter_names) if adapter_names is not None else list(self._adapters)
-        if not self._shared():
-            return self.base_model.merge_and_unload(progressbar, safe_merge, names)
-        lora_copy = _detached_copy(self.base_model)
-        return lora_copy.merge_and_unload(progressbar, safe_merge, names)
+        owner = self.base_model if not self._shared() else _detached_copy(self.base_model)
+        return owner.merge_and_unload(progressbar, safe_merge, names, dtype=dtype, requantize=requantize)
 
     def unload(self) -> nn.Module:
         if self._shared():
@@ -207,6 +231,13 @@ class PeftModel(nn.Module):
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
     ) -> None:
+        """Add the adapter in `model_id` as `adapter_name`; for a name already loaded, its weights are
+        replaced in place (PEFT's behaviour, what a Trainer resuming from a checkpoint relies on)."""
+        if adapter_name in self.peft_config:
+            self.base_model.load_adapter_state(adapter_name, load_adapter_weights(os.fspath(model_id)))
+            self.peft_config[adapter_name].inference_mode = not is_trainable
+            self.base_model._update_trainable()
+            return
         _load_into(self.base_model, model_id, adapter_name, is_trainable)
         self._owned.append(adapter_name)
 
@@ -221,7 +252,7 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
         **_: Any,
     ) -> "PeftModel":
-        """Load an adapter directory onto `model`.
+        """Load an adapter directory (or a llama.cpp LoRA adapter ``.gguf`` file) onto `model`.
 
         If `model` already carries lorakit adapters (an earlier `from_pretrained` or `get_peft_model`
         on it), the adapter is added to the same layers instead of wrapping them again, and the
@@ -241,6 +272,19 @@ class PeftModel(nn.Module):
         return handle
 
 
+# set by lorakit.integrations' trainers while transformers' Trainer starts (see accepts_loss_kwargs)
+_KNOWN_TRAINER: ContextVar[bool] = ContextVar("lorakit_known_trainer", default=False)
+
+
+@contextmanager
+def known_trainer() -> Iterator[None]:
+    token = _KNOWN_TRAINER.set(True)
+    try:
+        yield
+    finally:
+        _KNOWN_TRAINER.reset(token)
+
+
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, *, fuse: bool = True, **_: Any) -> PeftModel:
     """Freeze `model`, add a trainable LoRA adapter, and return the PeftModel handle.
@@ -258,11 +302,17 @@ def _load_into(
     owner: LoraModel, model_id, name: str, is_trainable: bool, config: LoraConfig | None = None
 ) -> None:
     model_id = os.fspath(model_id)
-    if not os.path.isdir(model_id):
+    if model_id.lower().endswith(".gguf"):  # llama.cpp's LoRA adapter file
+        from ..export.gguf_adapter import read_gguf_adapter
+
+        gguf_config, tensors = read_gguf_adapter(model_id, owner.model)
+        config = config or gguf_config
+    elif not os.path.isdir(model_id):
         raise FileNotFoundError(f"adapter directory not found: {model_id}")
-    config = config or LoraConfig.from_pretrained(model_id)
+    else:
+        config = config or LoraConfig.from_pretrained(model_id)
+        tensors = load_adapter_weights(model_id)
     config.inference_mode = not is_trainable
-    tensors = load_adapter_weights(model_id)
     owner.add_adapter(name, config)
     try:
         owner.load_adapter_state(name, tensors)

@@ -45,6 +45,13 @@ def _in_layers(config: LoraConfig, name: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
+def name_is_target(config: LoraConfig, name: str) -> bool:
+    """Does `config` (with explicit target_modules) target module `name`? The name-only part of find_targets."""
+    targets, exclude = config.target_modules, config.exclude_modules
+    return (targets is not None and _matches(targets, name) and _in_layers(config, name)
+            and not (exclude and _matches(exclude, name)) and not is_saved_module(config, name))
+
+
 def is_saved_module(config: LoraConfig, name: str) -> bool:
     """Is module `name` one that `modules_to_save` names, or inside one? (PEFT's rule: an entry
     matches the whole name or its dotted suffix, as a list of target_modules does.)"""

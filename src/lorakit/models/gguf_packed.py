@@ -9,15 +9,13 @@ dense conversion (`models.gguf.convert_gguf`). A Q4_1 layer takes 0.625 bytes a 
 dense model takes 4.
 
 Tensor names map through gguf's own table (`gguf.get_tensor_name_map`), written once in
-`gguf_names`. llama.cpp's converter stores the rows of attn_q and attn_k permuted for its rotary
-layout; since a row is whole blocks, `unpermute_rows` undoes that on the bytes (one uint8 copy of
-those two weights), never de-quantizing.
+`models.gguf_names` (shared with the GGUF writers). llama.cpp's converter stores the rows of
+attn_q and attn_k permuted for its rotary layout; since a row is whole blocks, `unpermute_rows`
+undoes that on the bytes (one uint8 copy of those two weights), never de-quantizing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,50 +26,14 @@ from torch import Tensor, nn
 from ..bases import gguf_blocks
 from ..bases.gguf_linear import GGUFLinear
 from .gguf import gguf_tokenizer, require_gguf
+from .gguf_names import GGUF_ARCHS, GGUFArch, gguf_names, rotary_heads, unpermute_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-@dataclass(frozen=True)
-class PackedArch:
-    """How one GGUF architecture (`general.architecture`) is read packed."""
-
-    arch: str  # gguf.MODEL_ARCH member name
-    rope_permuted: bool  # attn_q/attn_k rows stored in llama.cpp's rotary order
-
-
-# Only families whose converter lorakit has checked; others load through the dense conversion.
-PACKED_ARCHS: dict[str, PackedArch] = {
-    "llama": PackedArch("LLAMA", rope_permuted=True),
-}
-
-
-def gguf_names(hf_names: Iterable[str], arch: str, n_blocks: int) -> dict[str, str]:
-    """transformers parameter name -> GGUF tensor name (``model.layers.3.self_attn.q_proj.weight``
-    -> ``blk.3.attn_q.weight``), by gguf's table for MODEL_ARCH `arch`; names it lacks are left out."""
-    import gguf
-
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], n_blocks)
-    found = {}
-    for name in hf_names:
-        mapped = table.get_name(name, try_suffixes=(".weight", ".bias"))
-        if mapped is not None:
-            found[name] = mapped
-    return found
-
-
-def unpermute_rows(rows: Tensor, n_head: int) -> Tensor:
-    """Undo llama.cpp's rotary permutation of a q or k weight's rows (or a bias), on any dtype.
-
-    The converter views the (n_head * 2 * half, ...) rows as (n_head, 2, half) and swaps the last
-    two axes: file row (h, d, s) holds model row (h, s, d). Viewing the file's rows as
-    (n_head, half, 2) and swapping back restores the model's order.
-    """
-    half = rows.shape[0] // n_head // 2
-    if n_head * 2 * half != rows.shape[0]:
-        raise ValueError(f"{rows.shape[0]} rows do not split into {n_head} heads of rotary pairs")
-    return rows.reshape(n_head, half, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape).contiguous()
+# Only families whose packed load lorakit has checked; others load through the dense conversion.
+PACKED_ARCHS: dict[str, GGUFArch] = {name: GGUF_ARCHS[name] for name in ("llama",)}
 
 
 def _raw(tensor) -> Tensor:
@@ -88,16 +50,6 @@ def _shape(tensor) -> tuple[int, ...]:
 def _field(reader, key: str):
     field = reader.fields.get(key)
     return None if field is None else field.contents()
-
-
-def _heads(config, gguf_name: str) -> int | None:
-    """The heads whose rotary pairs a q or k tensor's rows are permuted by; None for other tensors."""
-    kind = gguf_name.split(".")[-2]
-    if kind == "attn_q":
-        return config.num_attention_heads
-    if kind == "attn_k":
-        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return None
 
 
 def _set_parameter(model: nn.Module, name: str, value: Tensor) -> None:
@@ -149,7 +101,7 @@ def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
 
     tensors = {t.name: t for t in reader.tensors}
     params = dict(model.named_parameters())
-    names = gguf_names(params, arch.arch, config.num_hidden_layers)
+    names = gguf_names(params, arch.member, config.num_hidden_layers)
 
     def read(hf_name: str):
         gguf_name = names.get(hf_name)
@@ -160,7 +112,7 @@ def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
     def dense(hf_name: str) -> Tensor:
         gguf_name, tensor = read(hf_name)
         value = gguf_blocks.dequantize(_raw(tensor), tensor.tensor_type, _shape(tensor), gguf_name)
-        heads = _heads(config, gguf_name) if arch.rope_permuted else None
+        heads = rotary_heads(config, gguf_name) if arch.rope_permuted else None
         value = value if heads is None else unpermute_rows(value, heads)
         if value.shape != params[hf_name].shape:
             raise ValueError(f"{path.name}: {gguf_name} has shape {tuple(value.shape)}, "
@@ -177,7 +129,7 @@ def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
             raise ValueError(f"{path.name}: {gguf_name} is ({out_features}, {in_features}), "
                              f"the model's {name} ({module.out_features}, {module.in_features})")
         blocks = _raw(tensor)
-        heads = _heads(config, gguf_name) if arch.rope_permuted else None
+        heads = rotary_heads(config, gguf_name) if arch.rope_permuted else None
         if heads is not None:  # whole rows of bytes move; nothing is de-quantized
             blocks = unpermute_rows(blocks.reshape(out_features, -1), heads)
         bias = dense(f"{name}.bias") if module.bias is not None else None

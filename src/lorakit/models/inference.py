@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from ..bases.quant_config import QuantConfig
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -32,12 +34,14 @@ def load_for_inference(
     *,
     dtype: str | None = None,
     device: str | None = None,
+    quantization: QuantConfig | str | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The base model with each adapter loaded under its own name, plus the tokenizer.
 
     Without `model_name`, the first adapter's `base_model_name_or_path` is used when it is
     available here, else the built-in default. With no adapters the plain model comes back;
     with adapters a PeftModel whose adapter names are `adapter_names_for(adapters)`.
+    `quantization` is load_model's (the base quantized to 4 bits before the adapters go on).
     """
     from ..lora.peft_model import PeftModel
 
@@ -47,7 +51,7 @@ def load_for_inference(
     if model_name is None:
         model_name = base_model_of(adapters[0]) if adapters else DEFAULT_MODEL
     with quiet_loading():
-        model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+        model, tokenizer = load_model(model_name, dtype=dtype, device=device, quantization=quantization)
     if not adapters:
         return model, tokenizer
     names = adapter_names_for(adapters)

@@ -83,6 +83,14 @@ class TrainConfig(LoraOptions):
     # -- method -----------------------------------------------------------------------------
     method: Literal["lora", "full"] = _opt("lora", "lora trains an adapter (options in LoraConfig's "
                                            "names: r, lora_alpha, ...); full trains every weight")
+    # -- a 4-bit base (QLoRA) -------------------------------------------------------------
+    quantize: Literal["nf4", "fp4", "none"] = _opt(
+        "none", "store the base's linear layers in 4 bits while training (QLoRA): nf4 or fp4, none keeps "
+        "them in dtype; the output head and embeddings stay in dtype, the adapter in fp32")
+    double_quant: bool = _opt(True, "with quantize: also quantize each 4-bit block's scale to 8 bits "
+                              "(QLoRA's double quantization, ~0.4 bit a weight less)")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "with quantize: the dtype the 4-bit layers' products run in; auto = the model's dtype")
     # -- optimisation -----------------------------------------------------------------------
     lr: float = _opt(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (never applied to biases and norms)")
@@ -112,6 +120,11 @@ class TrainConfig(LoraOptions):
         "highest is exact fp32; medium takes bf16 operands on CPUs with AMX and TF32 on NVIDIA GPUs "
         "(faster, ~1e-3 relative error in those products); attention and the adapters stay exact")
     quiet: bool = _opt(False, "plain log lines instead of a progress bar")
+    report_to: list[str] | str = _opt("none", "also log to tensorboard (output_dir/tensorboard) and/or wandb "
+                                      "(offline unless WANDB_MODE is set); a list allowed; none: metrics.jsonl only")
+    serve_target: list[str] | str | None = _opt(None, "check at start that the adapter will load in these "
+                                                "(vllm, lorax, llama.cpp, ollama, peft; see lorakit check); "
+                                                "a failed rule stops the run before training")
     distributed: Literal["auto", "none", "ddp", "fsdp"] = _opt(
         "auto", "under torchrun: ddp all-reduces the adapter's gradients, fsdp also shards the base "
         "across processes; auto = ddp when several processes run; one process ignores it")
@@ -165,8 +178,38 @@ class TrainConfig(LoraOptions):
             raise ConfigError("resume: expected 'latest' or a checkpoint path, got ''")
         if self.method == "full" and self.frozen_matmul_precision != "highest":
             raise ConfigError("frozen_matmul_precision: method full has no frozen weights; leave it at highest")
+        _check_reporting(self)
+        self._check_quantization()
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+    def reporters(self) -> list[str]:
+        """report_to as a list of names, without 'none'."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [n for n in names if n != "none"]
+
+    def serve_targets(self) -> list[str]:
+        return [] if self.serve_target is None else (
+            [self.serve_target] if isinstance(self.serve_target, str) else list(self.serve_target))
+
+    def _check_quantization(self) -> None:
+        if self.quantize == "none":
+            for name, unset in (("double_quant", True), ("compute_dtype", "auto")):
+                if getattr(self, name) != unset:
+                    raise ConfigError(f"{name}: applies to a 4-bit base only; set quantize: nf4 (or fp4) too")
+            return
+        if self.method == "full":
+            raise ConfigError(f"quantize: method full trains every weight, and a {self.quantize} base is frozen; "
+                              "use method: lora")
+
+    def quant_config(self) -> Any:
+        """The QuantConfig the base is loaded with (None: quantize is none)."""
+        if self.quantize == "none":
+            return None
+        from lorakit.bases.quant_config import QuantConfig
+
+        compute = None if self.compute_dtype == "auto" else self.compute_dtype
+        return QuantConfig(quant_type=self.quantize, double_quant=self.double_quant, compute_dtype=compute)
 
     def lora_config(self, **metadata: Any) -> LoraConfig:
         """The LoraConfig this recipe trains; `metadata` sets NOT_IN_RECIPE fields. Its errors are ConfigErrors."""
@@ -334,6 +377,29 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
     if not any(_fits(value, o) for o in options):
         raise ConfigError(f"{name}: expected {_describe(hint)}, got {value!r}")
+
+
+def _check_reporting(config: TrainConfig) -> None:
+    """report_to names and their packages (found, not imported), serve_target names."""
+    import importlib.util
+
+    from lorakit.train.reporting import REPORTERS
+
+    for name in config.reporters():
+        if name not in REPORTERS:
+            raise ConfigError(f"report_to: unknown {name!r}; expected {', '.join(REPORTERS)} or none")
+        if importlib.util.find_spec(REPORTERS[name].package) is None:
+            raise ConfigError(f"report_to: {name} needs the {REPORTERS[name].package} package: "
+                              f"pip install 'lorakit[{name}]'")
+    if config.serve_target is not None:
+        from lorakit.export.check import check_targets
+
+        if config.method != "lora":
+            raise ConfigError("serve_target: checks a LoRA adapter; method full trains none")
+        try:
+            check_targets(config.serve_targets())
+        except ValueError as err:
+            raise ConfigError(f"serve_target: {err}") from None
 
 
 def _at_least(name: str, value: int, low: int) -> None:

@@ -98,7 +98,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, started: flo
     setup.seed_everything(config.seed)
     dtype = pick_dtype(config.dtype, device)
     # FSDP: the whole base goes to the CPU first, so that only each rank's shards reach the device
-    base, tokenizer = load_model(config.model, dtype=dtype,
+    base, tokenizer = load_model(config.model, dtype=dtype, quantization=config.quant_config(),
                                  device=torch.device("cpu") if world.strategy == "fsdp" else device)
     data = setup.tokenize(config, tokenizer, train_records, eval_records)
     model = setup.prepare_model(base, config)
@@ -231,7 +231,8 @@ class _Run:
         # per-example counts, so a step's normaliser and token count cost no pass over tokens
         self.targets = np.array([count_targets([e]) for e in examples], dtype=np.int64)
         self.lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-        self.metrics = MetricsLog(parts.out / "metrics.jsonl" if world.is_main else None)
+        self.metrics = MetricsLog(parts.out / "metrics.jsonl" if world.is_main else None,
+                                  config.reporters(), config.to_dict())
         self.pending: list[tuple[int, Tensor, Tensor, float]] = []  # (step, loss, grad norm, lr)
         self.tokens = 0  # this rank's tokens over the whole call
         self.global_tokens = 0  # all ranks' tokens, up to the last log
@@ -388,6 +389,8 @@ def _describe(config: TrainConfig, stats: dict[str, Any], total: int, out: Path,
     method = (f"LoRA r={config.r} alpha={config.lora_alpha}" + (" DoRA" if config.use_dora else "")
               if config.method == "lora" else "full fine-tuning")
     share = 100 * stats["trainable_params"] / max(stats["total_params"], 1)
+    if config.quantize != "none":
+        method = f"Q{method} on a {config.quantize.upper()} base" + (" (double quant)" if config.double_quant else "")
     level = config.frozen_matmul_precision
     precision = "" if level == "highest" else f", frozen products at {level} precision"
     per_rank = f"batch_size {config.batch_size} x grad_accum {config.grad_accum}"

@@ -31,20 +31,29 @@ def keep_until(path: Path, step: int) -> None:
 
 
 class MetricsLog:
-    """Appends records as they come, flushed so a killed run keeps what it logged."""
+    """Appends records as they come, flushed so a killed run keeps what it logged, and hands each
+    to the run's reporters (`report_to`: TensorBoard, W&B; see train.reporting)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, report_to: list[str] = (), config: dict[str, Any] | None = None) -> None:
+        from .reporting import open_reporters
+
+        self._reporters = open_reporters(list(report_to), path.parent, config or {}) if path is not None else []
         self._file: TextIO | None = open(path, "a") if path is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        for reporter in self._reporters:
+            reporter.write(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for reporter in self._reporters:
+            reporter.close()
+        self._reporters = []
 
 
 def format_record(record: dict[str, Any]) -> str:

@@ -49,12 +49,27 @@ def wrap(model: nn.Module, loss_fn: LossFn, world: World, device: torch.device) 
     Under FSDP the parameters of `model` are replaced by sharded DTensors (and moved to `device`);
     collect parameter lists from `model` after this call.
     """
+    if world.strategy == "fsdp":
+        check_fsdp_base(model)
     unit = LossModule(model, loss_fn)
     if world.strategy == "ddp":
         return _ddp(unit, device)
     if world.strategy == "fsdp":
         return _fsdp(unit, device, world)
     return unit
+
+
+def check_fsdp_base(model: nn.Module) -> None:
+    """ValueError, before anything is wrapped or moved, when the base holds 4-bit layers: their
+    packed codes are buffers, which fully_shard does not shard (every rank would hold the whole
+    4-bit base, and this combination is untested). DDP runs them: only the adapter's gradients
+    travel."""
+    from lorakit.bases.linear4bit import Linear4bit
+
+    name = next((n for n, m in model.named_modules() if isinstance(m, Linear4bit)), None)
+    if name is not None:
+        raise ValueError(f"distributed: fsdp: FSDP cannot shard lorakit's 4-bit base ({name} is a Linear4bit whose "
+                         "packed weights are buffers); use distributed: ddp")
 
 
 def _ddp(unit: LossModule, device: torch.device) -> nn.Module:

@@ -23,7 +23,7 @@ from .config import LORA_KEYS, ConfigError, TrainConfig
 # (batch_size and grad_accum may change, with the number of processes, if the global batch stays.)
 TRAJECTORY = (
     "model", "data", "eval_fraction", "format", "train_on_prompt", "max_seq_len", "packing", "method",
-    *LORA_KEYS, "lr", "weight_decay", "scheduler", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed",
+    "quantize", "double_quant", "compute_dtype", *LORA_KEYS, "lr", "weight_decay", "scheduler", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed",
 )
 
 
@@ -82,11 +82,29 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
         from lorakit import get_peft_model
 
         lora = config.lora_config(task_type="CAUSAL_LM", base_model_name_or_path=base_model_name(config.model))
+        check_serving(model, lora, config.serve_targets())
         model = get_peft_model(model, lora)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     return model.train()
+
+
+def check_serving(model: nn.Module, lora: Any, targets: list[str]) -> None:
+    """serve_target: refuse, before training, an adapter those engines would not load; warn on the rest."""
+    if not targets:
+        return
+    import warnings
+
+    from lorakit.export.check import check_adapter, planned_adapter
+
+    findings = check_adapter(planned_adapter(model, lora), targets)
+    for finding in findings:
+        if not finding.error:
+            warnings.warn(finding.line(), stacklevel=2)
+    failed = [f.line() for f in findings if f.error]
+    if failed:
+        raise ConfigError(f"serve_target: the adapter would fail {len(failed)} rule(s): " + " | ".join(failed))
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -126,8 +144,12 @@ def build_optimizer(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters; a 4-bit layer's weight counts as its elements (it is a buffer)."""
+    from lorakit.bases.linear4bit import Linear4bit
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return trainable, sum(p.numel() for p in model.parameters()) + packed
 
 
 # -- resuming ---------------------------------------------------------------------------------

@@ -1,0 +1,39 @@
+"""How much memory a model's weights take, and what the same base would take in 16 and 32 bits.
+
+A 4-bit layer (lorakit's Linear4bit) holds its weight as buffers: packed codes and scales; it
+counts as its `in_features * out_features` elements when sized dense. Tensors shared between
+modules (tied embeddings) count once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class BaseMemory:
+    """Bytes of a model's weights as stored (`bytes`), and of its `elements` in 16 and 32 bits."""
+
+    bytes: int
+    elements: int
+    dense_bytes: int | None = None  # what the same model took before it was quantized
+
+    def line(self) -> str:
+        before = f" (loaded: {self.dense_bytes / MiB:,.0f} MiB)" if self.dense_bytes is not None else ""
+        return (f"{self.bytes / MiB:,.0f} MiB with 4-bit linear layers vs the whole base {2 * self.elements / MiB:,.0f} MiB in 16 bits and "
+                f"{4 * self.elements / MiB:,.0f} MiB in 32 bits{before}")
+
+
+def base_memory(model: nn.Module, before: BaseMemory | None = None) -> BaseMemory:
+    """The weights of `model` now; `before`: the same model measured before it was quantized."""
+    from ..bases.linear4bit import Linear4bit
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    stored = sum(t.nbytes for t in tensors.values())
+    elements = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    elements += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return BaseMemory(stored, elements, None if before is None else before.bytes)
