@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "chat": "lorakit.commands.chat",
     "serve": "lorakit.commands.serve",
     "merge": "lorakit.commands.merge",
+    "quantize": "lorakit.commands.quantize",
     "export": "lorakit.commands.export",
     "inspect": "lorakit.commands.inspect",
     "check": "lorakit.commands.check",

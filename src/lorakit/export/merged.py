@@ -71,7 +71,7 @@ def write_merged(
     out = Path(out_dir).expanduser().absolute()
     if out.suffix.lower() == ".gguf":
         raise ValueError(f"{out.name} is a GGUF file name: merge with export.merge_adapter_to_gguf for one")
-    _check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     if Path(adapter_path).absolute() == out:
         raise ValueError(f"the output dir {out} is the adapter itself; choose another --output")
     if dtype not in (None, *DTYPES):
@@ -101,7 +101,8 @@ def write_merged(
     return MergedDir(out, quantized, report)
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty directory unless `overwrite`."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

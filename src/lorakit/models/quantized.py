@@ -75,9 +75,10 @@ def layer_tensors(name: str, layer: Linear4bit) -> dict[str, Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Write a model with Linear4bit layers as a transformers + bitsandbytes 4-bit directory
-    (config.json, model.safetensors); it appears whole or not at all (written beside, renamed in)."""
+    (config.json, model.safetensors, generation_config.json when the model has one, and the
+    `tokenizer`'s files when given); it appears whole or not at all (written beside, renamed in)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     if not layers:
         raise ValueError("the model has no Linear4bit layer to save; quantize it first (lorakit.quantize_model)")
@@ -97,6 +98,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     with atomic_dir(out) as tmp:
         save_tensors(tensors, tmp / WEIGHTS_NAME)
         atomic_write_bytes(tmp / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model dir is normally shared
     return out
 

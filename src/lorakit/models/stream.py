@@ -69,6 +69,14 @@ def checkpoint_bytes(directory: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in checkpoint_files(directory))
 
 
+def checkpoint_dtype(directory: str | os.PathLike) -> str | None:
+    """The dtype config.json says the checkpoint was saved in ("bfloat16", ...), or None."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
 def read_headers(files: list[Path]) -> dict[str, Entry]:
     """Every tensor's file and shape, from the headers alone (no tensor data is read)."""
     from safetensors import safe_open
