@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -60,10 +61,14 @@ class PeftModel(nn.Module):
 
     @property
     def accepts_loss_kwargs(self) -> bool:
-        """transformers' Trainer reads this when it starts; it is also the one place where a plain
+        """Whether the base model's forward takes Trainer's loss arguments (`num_items_in_batch`).
+
+        transformers' Trainer reads this when it starts; it is also the one place where a plain
         `transformers.Trainer` (or TRL trainer) meets a lorakit model, which it cannot save or resume
-        (it looks for `peft.PeftModel`): lorakit.integrations' trainers are then the fix."""
-        if not _KNOWN_TRAINER.get():
+        (it looks for `peft.PeftModel`): read from transformers' or TRL's own code outside
+        lorakit.integrations' trainers, it raises the one-line fix. Any other reader (hasattr,
+        inspect.getmembers) gets the value."""
+        if not _KNOWN_TRAINER.get() and _read_by_trainer(sys._getframe(1)):
             raise TypeError(
                 "transformers' Trainer and TRL's trainers treat a lorakit model as a plain model (it would save "
                 "the whole model, not the adapter): use `from lorakit.integrations import Trainer` "
@@ -281,6 +286,12 @@ class PeftModel(nn.Module):
 
 # set by lorakit.integrations' trainers while transformers' Trainer starts (see accepts_loss_kwargs)
 _KNOWN_TRAINER: ContextVar[bool] = ContextVar("lorakit_known_trainer", default=False)
+
+
+def _read_by_trainer(frame) -> bool:
+    """Whether `frame` (the reader of accepts_loss_kwargs) is transformers' Trainer or TRL code."""
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return module.split(".")[0] in ("transformers", "trl")
 
 
 @contextmanager
