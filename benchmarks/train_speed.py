@@ -23,10 +23,16 @@ every contender.
 `lorakit-plain` is lorakit used only through PEFT's API, as a PEFT user's loop is written:
 `model = get_peft_model(base, config)`, then each step `model(input_ids=..., attention_mask=...,
 labels=...).loss.backward()`, `optimizer.step()`, `optimizer.zero_grad()` (AdamW over the trainable
-parameters), with none of the trainer's set-up (no CPU caching allocator, transformers' own loss).
-`peft` already is that loop with `import peft` (it loads the initial adapter from its file instead
-of calling `get_peft_model`, outside the timed steps), so it is the reference for `lorakit-plain`;
-`plain_vs_train_step` compares lorakit's plain step with its trainer's (`lorakit`).
+parameters); the library does the rest (the fused head + loss, and the CPU caching allocator at
+the first training forward). `peft` already is that loop with `import peft` (it loads the initial
+adapter from its file instead of calling `get_peft_model`, outside the timed steps), so it is the
+reference for `lorakit-plain`; `plain_vs_train_step` compares lorakit's plain step with its
+trainer's (`lorakit`).
+
+`trainer` is transformers.Trainer through `lorakit.integrations.Trainer` over `get_peft_model`,
+`peft-trainer` PEFT in the plain transformers.Trainer: the same batch (its 4 rows are the dataset),
+fp32, AdamW at the loop's settings (constant lr 2e-4, weight decay 0.01, no clipping), each step
+timed by a callback from `on_step_begin` to `on_step_end`.
 
 `peft-bf16`, `lorakit-bf16` and `lorakit-plain-bf16` are `peft`, `lorakit` and `lorakit-plain` with
 the base loaded in bfloat16; the adapters stay fp32 in all three (PEFT's autocast_adapter_dtype).
@@ -205,12 +211,65 @@ def _floor(base, batch: dict, adapter_dir: str) -> StepLoss:
     return step_loss
 
 
+# -- transformers.Trainer contenders: the whole loop is Trainer's, timed step by step ---------------
+def _trainer(lorakit: bool):
+    """transformers.Trainer on the same batch (its 4 rows are the dataset: one epoch a step), AdamW at the loop's
+    settings (lr 2e-4, weight decay 0.01, constant lr, no clipping): `lorakit.integrations.Trainer`
+    over `get_peft_model`, or the plain `transformers.Trainer` over PEFT from the initial adapter."""
+    def run(base, batch: dict, adapter_dir: str, steps: int) -> tuple[list[float], list[float], list[float]]:
+        import transformers
+
+        if lorakit:
+            from lorakit.integrations import Trainer
+            model = _fresh_adapter(base)
+        else:
+            import peft
+            Trainer = transformers.Trainer
+            model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+        rows = [{k: v[i].tolist() for k, v in batch.items()} for i in range(BATCH)]
+        out = tempfile.TemporaryDirectory()
+        args = transformers.TrainingArguments(
+            out.name, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=2e-4,
+            weight_decay=0.01, lr_scheduler_type="constant", max_grad_norm=0.0, optim="adamw_torch",
+            logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+            dataloader_num_workers=0, remove_unused_columns=False)
+        clock = _step_clock()
+        with out:
+            Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock]).train()
+        return clock.times, clock.cpu_times, clock.losses
+    return run
+
+
+def _step_clock():
+    import transformers
+
+    class StepClock(transformers.TrainerCallback):
+        """Each optimizer step's wall and CPU seconds, and the losses Trainer logs."""
+
+        def __init__(self) -> None:
+            self.times, self.cpu_times, self.losses = [], [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = (time.perf_counter(), time.process_time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start[0])
+            self.cpu_times.append(time.process_time() - self._start[1])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+    return StepClock()
+
+
 @dataclass(frozen=True)
 class Contender:
     label: str  # the table's row name
-    build: Callable[..., StepLoss]  # (base, batch, adapter_dir) -> the step's loss
+    build: Callable[..., StepLoss] | None  # (base, batch, adapter_dir) -> the step's loss
     dtype: str = "float32"  # the base's (a 4-bit base's compute dtype); adapters are fp32 in every LoRA contender
     load: Callable[[str, str], "nn.Module"] = _dense  # noqa: F821 (model, dtype) -> the base model
+    # instead of build, a whole loop: (base, batch, adapter_dir, steps) -> (step s, CPU s, losses) per step
+    loop: Callable[..., tuple[list[float], list[float], list[float]]] | None = None
 
 
 CONTENDERS = {
@@ -238,6 +297,8 @@ CONTENDERS = {
                                     _lorakit_4bit),
     "lorakit-plain-qlora-fp32": Contender("lorakit QLoRA plain API (NF4, double quant, fp32 compute)",
                                           _lorakit_plain, "float32", _lorakit_4bit),
+    "trainer": Contender("lorakit in transformers.Trainer (lorakit.integrations.Trainer)", None, loop=_trainer(True)),
+    "peft-trainer": Contender("PEFT in transformers.Trainer", None, loop=_trainer(False)),
 }
 
 
@@ -251,6 +312,9 @@ def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, pre
     base = contender.load(model, contender.dtype)
     base.train()
     batch = _batch(base.config.vocab_size, prompt_share)
+    if contender.loop is not None:
+        times, cpu_times, losses = contender.loop(base, batch, adapter_dir, warmup + steps)
+        return _result(name, times[warmup:], cpu_times[warmup:], losses)
     step_loss = contender.build(base, batch, adapter_dir)
 
     params = [p for p in base.parameters() if p.requires_grad]  # both libraries adapt the base in place
@@ -269,6 +333,10 @@ def _run(name: str, adapter_dir: str, steps: int, prompt_share: float = 0.0, pre
         if step >= warmup:
             times.append(elapsed)
             cpu_times.append(cpu)
+    return _result(name, times, cpu_times, losses)
+
+
+def _result(name: str, times: list[float], cpu_times: list[float], losses: list[float]) -> dict:
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step_s = statistics.median(times)
     return {
@@ -345,6 +413,10 @@ def _summary(results: dict[str, dict]) -> str:
         ("plain_memory_vs_peft", ("lorakit-plain",), peak("lorakit-plain", "peft"), ".2f"),
         ("plain_vs_train_step", ("lorakit-plain",), step("lorakit-plain", "lorakit"), ".2f"),
         ("plain_loss_rel_diff", ("lorakit-plain",), loss("lorakit-plain", "peft"), ".1e"),
+        ("trainer_speed_vs_peft_trainer", ("trainer",), speed("trainer", "peft-trainer"), ".2f"),
+        ("trainer_memory_vs_peft_trainer", ("trainer",), peak("trainer", "peft-trainer"), ".2f"),
+        ("trainer_vs_train_step", ("trainer",), step("trainer", "lorakit"), ".2f"),
+        ("trainer_loss_rel_diff", ("trainer",), loss("trainer", "peft-trainer"), ".1e"),
         ("bf16_speed_vs_peft", ("lorakit-bf16", "peft-bf16"), speed("lorakit-bf16", "peft-bf16"), ".2f"),
         ("bf16_memory_vs_peft", ("lorakit-bf16", "peft-bf16"), peak("lorakit-bf16", "peft-bf16"), ".2f"),
         ("bf16_loss_rel_diff", ("lorakit-bf16", "peft-bf16"), loss("lorakit-bf16", "peft-bf16"), ".1e"),

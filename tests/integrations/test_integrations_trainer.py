@@ -34,6 +34,15 @@ def test_plain_trainer_names_the_fix(tmp_path):
         transformers.Trainer(model=lora(tiny_llama()), args=args(tmp_path, max_steps=1), train_dataset=rows())
 
 
+def test_other_readers_of_accepts_loss_kwargs_get_its_value():
+    import inspect
+
+    model = lora(tiny_llama())
+    assert hasattr(model, "accepts_loss_kwargs")  # only transformers' and TRL's own code gets the fix
+    assert model.accepts_loss_kwargs is True  # LlamaForCausalLM.forward takes **kwargs (num_items_in_batch)
+    assert dict(inspect.getmembers(model))["accepts_loss_kwargs"] is model.accepts_loss_kwargs
+
+
 def test_trains_the_adapter_only_and_peft_loads_what_it_saves(tmp_path):
     model = lora(tiny_llama())
     before = snapshot(model)
@@ -96,7 +105,7 @@ def test_gradient_checkpointing_with_frozen_embeddings(tmp_path, reentrant):
 
 
 def test_mixed_precision_trains(tmp_path):
-    """bf16=True runs the step under autocast: the layers and the loss take their general paths."""
+    """bf16=True runs the step under autocast: the layers and the loss keep their fast paths (tests/fast/test_amp.py)."""
     model = lora(tiny_llama())
     before = snapshot(model)
     trainer = Trainer(model=model, args=args(tmp_path, max_steps=4, bf16=True), train_dataset=rows(16))

@@ -42,3 +42,13 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts a linear's operands from
+
+
+def autocast_compute_dtype(dtype: torch.dtype, autocast: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a product with a `dtype` weight runs in under torch.autocast to `autocast`:
+    autocast's dtype (it casts fp32 and 16-bit operands of a linear to it), in fp32 where the
+    device only emulates it; other weights (fp64) keep their own rule."""
+    return product_dtype(autocast if dtype in _AUTOCAST_CAST else dtype, device)

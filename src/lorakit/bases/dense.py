@@ -46,6 +46,10 @@ class DenseLinear:
         weight = self.weight
         return self._compute or product_dtype(weight.dtype, weight.device)
 
+    def computing_in(self, dtype: torch.dtype) -> "DenseLinear":
+        """The same layer, its products in `dtype` (the fused kernels under torch.autocast)."""
+        return type(self)(self.module, compute_dtype=dtype)
+
     def linear(self, x: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias
         compute = self._compute or product_dtype(weight.dtype, weight.device)

@@ -10,6 +10,13 @@ out again, so after the first step there are no page faults and no fragmentation
 (PyTorch lets an allocator be set only from C++), compiled once per Python environment with
 the system's compiler and ninja (~20 s; kept under ~/.cache/torch_extensions); where that fails,
 the trainer falls back to `return_freed_memory_to_os` (memory mode) or glibc's default.
+
+Who installs it: lorakit's trainer before its first step, and a lorakit PeftModel the first time it
+runs a training forward on a CPU (`model(input_ids, labels=...)` in a plain loop or in
+transformers' Trainer), so that both train alike. It is process-global and stays for the life of
+the process: `LORAKIT_CPU_ALLOCATOR=0` in the environment (or `PeftModel.cpu_allocator = False`
+for the plain API) leaves torch's allocator alone; `cache_cpu_allocations()` installs it
+explicitly whatever the environment says.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import sys
 from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+ENV = "LORAKIT_CPU_ALLOCATOR"  # "0", "off", "false" or "no": no automatic CPU allocator set-up
 _log = logging.getLogger(__name__)
 _caching: object | None = None  # the loaded extension, once installed
+_prepared: str | None = None  # what prepare_cpu_training did, once it ran
 
 _CACHING_SOURCE = r"""
 #include <torch/extension.h>
@@ -140,14 +149,27 @@ def cached_bytes() -> int:
     return int(_caching.held_bytes()) if _caching is not None else 0
 
 
+def automatic() -> bool:
+    """Whether lorakit may set up the CPU allocator by itself (the environment did not say no)."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 def prepare_cpu_training(gradient_checkpointing: bool) -> str:
-    """What lorakit's trainer does before training on a CPU: the caching allocator, else (memory
-    mode) glibc's mmap setting. Returns "caching", "mmap" or "default"."""
-    if cache_cpu_allocations():
-        return "caching"
-    if gradient_checkpointing and return_freed_memory_to_os():
-        return "mmap"
-    return "default"
+    """What lorakit does before training on a CPU (its trainer, and a PeftModel's first training
+    forward there): the caching allocator, else (memory mode) glibc's mmap setting. Returns
+    "caching", "mmap", "default", or "off" where the environment opts out (`ENV`). The first call
+    in a process decides (a later memory-mode call may still add the mmap setting)."""
+    global _prepared
+    if _prepared is None:
+        _prepared = "off" if not automatic() else "caching" if cache_cpu_allocations() else "default"
+    if _prepared == "default" and gradient_checkpointing and return_freed_memory_to_os():
+        _prepared = "mmap"
+    return _prepared
+
+
+def cpu_training_prepared() -> bool:
+    """True once `prepare_cpu_training` ran in this process (what it did aside)."""
+    return _prepared is not None
 
 
 def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:

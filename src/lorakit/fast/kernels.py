@@ -21,6 +21,9 @@ products run at `fast.precision`'s level, exact unless a caller asks for less.
 
 What backward keeps: x (or, with `keep`, the norm input it is remade from), the (tokens, r)
 products, A and B; the base object itself (not a copy of its weight).
+
+Under torch.autocast each kernel runs with autocast off, its input and frozen products in the
+autocast dtype as autocast would run a linear layer (`fast.amp`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..bases import FrozenBase
+from .amp import autocast_dtype, autocast_off, base_under_autocast, exact_backward, kept_under_autocast
 from .precision import frozen_level, products
 from .recompute import Kept
 
@@ -51,6 +55,11 @@ def _kept_input(ctx, kept: Tensor) -> Tensor:
     """The (tokens, in) input: kept as is, or remade from the norm input kept instead."""
     x = kept if ctx.remake is None else ctx.remake(kept)
     return x.reshape(-1, x.shape[-1])
+
+
+def _under_autocast(ops: Sequence[Adapted], dtype: torch.dtype) -> tuple[Adapted, ...]:
+    """The ops with their bases as autocast to `dtype` runs them (`fast.amp`)."""
+    return tuple(Adapted(base_under_autocast(op.base, dtype), op.A, op.B, op.scaling) for op in ops)
 
 
 def _grad_B(grad_out: Tensor, xa: Tensor, scaling: float) -> Tensor:
@@ -81,6 +90,7 @@ class _LoraLinear(torch.autograd.Function):
         return out.to(x.dtype).reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
+    @exact_backward
     def backward(ctx, grad_out: Tensor):
         kept, xa, A, B = ctx.saved_tensors
         op, s, lo = ctx.op, ctx.op.scaling, A.dtype
@@ -102,6 +112,10 @@ def lora_linear(x: Tensor, op: Adapted, keep: Kept | None = None) -> Tensor:
 
     With `keep` (x == keep.remake(keep.source)), backward keeps the source instead of x.
     """
+    amp = autocast_dtype(x.device)
+    if amp is not None:
+        with autocast_off(x.device):
+            return lora_linear(x.to(amp), _under_autocast([op], amp)[0], kept_under_autocast(keep, amp))
     A, B = op.A, op.B
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
         return _LoraLinear.apply(x, A, B, op, keep)
@@ -150,6 +164,7 @@ class _LoraShared(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @exact_backward
     def backward(ctx, *grads: Tensor):
         kept, *rest = ctx.saved_tensors
         ops, n = ctx.ops, len(ctx.ops)
@@ -184,6 +199,10 @@ def lora_shared_input(x: Tensor, ops: Sequence[Adapted], keep: Kept | None = Non
     With `keep` (x == keep.remake(keep.source)), backward keeps the source instead of x.
     """
     ops = tuple(ops)
+    amp = autocast_dtype(x.device)
+    if amp is not None:
+        with autocast_off(x.device):
+            return lora_shared_input(x.to(amp), _under_autocast(ops, amp), kept_under_autocast(keep, amp))
     return _LoraShared.apply(x, ops, keep, *_flat(ops))
 
 
@@ -215,6 +234,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         return out.to(dt).reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
+    @exact_backward
     def backward(ctx, grad_out: Tensor):
         kept, xa_gu, g, u, xa_d, a_gu, bg, bu, ad, bd = ctx.saved_tensors
         gate, up, down = ctx.ops
@@ -257,6 +277,10 @@ def lora_swiglu(x: Tensor, gate: Adapted, up: Adapted, down: Adapted, keep: Kept
 
     With `keep` (x == keep.remake(keep.source)), backward keeps the source instead of x.
     """
+    amp = autocast_dtype(x.device)
+    if amp is not None:
+        with autocast_off(x.device):
+            return lora_swiglu(x.to(amp), *_under_autocast((gate, up, down), amp), keep=kept_under_autocast(keep, amp))
     ops = (gate, up, down)
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in _flat(ops))):
         return _LoraSwiGLU.apply(x, ops, keep, *_flat(ops))

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .. import bases
 from ..arch import family
-from ..bases.compute import product_dtype
+from ..bases.compute import autocast_compute_dtype, product_dtype
+from .amp import autocast_dtype, autocast_off, exact_backward
 from .precision import frozen_level, products
 
 IGNORE = -100
@@ -58,12 +59,11 @@ def fused_output(model: nn.Module, kwargs: dict):
     """`model(**kwargs)` in training with labels, its loss from the fused head: transformers' loss
     (the mean over labelled tokens, or their sum / `num_items_in_batch` as Trainer asks), without
     the (tokens, vocab) logits, which come back as None. None when it does not apply: not
-    training, no labels, other arguments, or a head the fused loss does not cover."""
+    training, no labels, other arguments, or a head the fused loss does not cover. Under
+    torch.autocast (Trainer's bf16/fp16) the head's product runs as autocast would run it."""
     labels = kwargs.get("labels")
     if labels is None or not (model.training and torch.is_grad_enabled()) or not set(kwargs) <= _PLAIN_CALL:
         return None
-    if torch.is_autocast_enabled(labels.device.type):
-        return None  # mixed precision (Trainer's bf16/fp16): transformers' own head and loss
     fused = fused_head(model)
     if fused is None:
         return None
@@ -98,9 +98,10 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk: int = 256)
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, level: str) -> Tensor:
-        # hidden (tokens, dim), weight (vocab, dim), labels (tokens,): every label a class index
-        work = product_dtype(weight.dtype, weight.device)  # 16-bit heads multiply in fp32 where emulated
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, level: str,
+                work: torch.dtype) -> Tensor:
+        # hidden (tokens, dim), weight (vocab, dim), labels (tokens,): every label a class index;
+        # the products in `work` (16-bit heads multiply in fp32 where emulated)
         w = weight.detach().to(work)
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
@@ -137,11 +138,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @exact_backward
     def backward(ctx, grad_out: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 1024) -> Tensor:
@@ -150,8 +152,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: 
     hidden (..., dim) and labels (...) are already aligned (shifted) by the caller. Only the
     positions with a label go through the head: in instruction tuning the prompt's tokens (and any
     padding) are ignored, and the head's (tokens, vocab) products are a fifth of a small model's
-    step. Finding them costs one device synchronisation on a GPU.
+    step. Finding them costs one device synchronisation on a GPU. Under torch.autocast the head
+    multiplies as autocast would run it (hidden in the autocast dtype; `fast.amp`), the loss in fp32.
     """
+    amp = autocast_dtype(hidden.device)
+    if amp is not None:
+        with autocast_off(hidden.device):
+            work = autocast_compute_dtype(weight.dtype, amp, weight.device)
+            return _linear_cross_entropy(hidden.to(amp), weight, labels, chunk, work)
+    return _linear_cross_entropy(hidden, weight, labels, chunk, product_dtype(weight.dtype, weight.device))
+
+
+def _linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, work: torch.dtype) -> Tensor:
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     scored = (labels != -100).nonzero().squeeze(1)
@@ -159,5 +171,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: 
         hidden, labels = hidden.index_select(0, scored), labels.index_select(0, scored)
     # reduced products only in training (evaluation compares runs: keep it exact)
     trains = hidden.requires_grad and torch.is_grad_enabled() and not weight.requires_grad
-    level = frozen_level(product_dtype(weight.dtype, weight.device)) if trains else "highest"
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, level)
+    level = frozen_level(work) if trains else "highest"
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, level, work)

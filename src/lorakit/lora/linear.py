@@ -209,8 +209,6 @@ class Linear(LoraLayer):
 
     def fast_plan(self, names: Sequence[str]) -> FastPlan | None:
         """The plan when `names` asks for one adapter the fused kernel covers, else None."""
-        if torch.is_autocast_enabled(self.base.device.type):
-            return None  # the kernels pick their own dtypes; under autocast (Trainer's bf16/fp16) the general path
         key = (tuple(names), self.training)
         if key not in self._plans:
             present = [n for n in names if n in self.r]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fast import allocator
 from ..fast.loss import fused_output
 from .config import LoraConfig
 from .io import WEIGHTS_NAME, file_key, load_adapter_weights, save_tensors
@@ -59,10 +61,14 @@ class PeftModel(nn.Module):
 
     @property
     def accepts_loss_kwargs(self) -> bool:
-        """transformers' Trainer reads this when it starts; it is also the one place where a plain
+        """Whether the base model's forward takes Trainer's loss arguments (`num_items_in_batch`).
+
+        transformers' Trainer reads this when it starts; it is also the one place where a plain
         `transformers.Trainer` (or TRL trainer) meets a lorakit model, which it cannot save or resume
-        (it looks for `peft.PeftModel`): lorakit.integrations' trainers are then the fix."""
-        if not _KNOWN_TRAINER.get():
+        (it looks for `peft.PeftModel`): read from transformers' or TRL's own code outside
+        lorakit.integrations' trainers, it raises the one-line fix. Any other reader (hasattr,
+        inspect.getmembers) gets the value."""
+        if not _KNOWN_TRAINER.get() and _read_by_trainer(sys._getframe(1)):
             raise TypeError(
                 "transformers' Trainer and TRL's trainers treat a lorakit model as a plain model (it would save "
                 "the whole model, not the adapter): use `from lorakit.integrations import Trainer` "
@@ -125,11 +131,17 @@ class PeftModel(nn.Module):
     # In training, `model(input_ids, labels=...)` takes the fused head + loss (`fast.loss`): the same
     # loss without the (tokens, vocab) logits, whose `logits` is then None. False: transformers' own.
     fused_loss = True
+    # The first training forward on a CPU sets up the CPU caching allocator, as `lorakit train` does
+    # (`fast.allocator`: process-wide, for the rest of the process). False, or LORAKIT_CPU_ALLOCATOR=0
+    # in the environment: torch's own allocator.
+    cpu_allocator = True
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is not None:
             _check_rows(adapter_names, args, kwargs)
         model = self.base_model.model
+        if self.cpu_allocator and model.training and not allocator.cpu_training_prepared() and torch.is_grad_enabled():
+            _prepare_cpu_training(model, args, kwargs)
         with self.adapter_scope(adapter_names):
             if self.fused_loss and len(args) <= 1 and adapter_names is None and "labels" in kwargs:
                 out = fused_output(model, {**dict(zip(("input_ids",), args)), **kwargs})
@@ -276,6 +288,12 @@ class PeftModel(nn.Module):
 _KNOWN_TRAINER: ContextVar[bool] = ContextVar("lorakit_known_trainer", default=False)
 
 
+def _read_by_trainer(frame) -> bool:
+    """Whether `frame` (the reader of accepts_loss_kwargs) is transformers' Trainer or TRL code."""
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return module.split(".")[0] in ("transformers", "trl")
+
+
 @contextmanager
 def known_trainer() -> Iterator[None]:
     token = _KNOWN_TRAINER.set(True)
@@ -335,6 +353,16 @@ def _detached_copy(lora_model: LoraModel) -> LoraModel:
     clone.peft_config = {k: v for k, v in lora_model.peft_config.items()}
     clone.active_adapters = list(lora_model.active_adapters)
     return clone
+
+
+def _prepare_cpu_training(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The trainer's CPU set-up (`fast.allocator.prepare_cpu_training`), when this call trains on a CPU."""
+    inputs = next((v for v in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+                   if isinstance(v, torch.Tensor)), None)
+    if inputs is not None and inputs.device.type == "cpu":
+        name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+            else "is_gradient_checkpointing"  # transformers >= 5.x's name, then the older one
+        allocator.prepare_cpu_training(bool(getattr(model, name, False)))
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
