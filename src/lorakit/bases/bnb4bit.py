@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import quant4
 from .compute import product_dtype
 from .protocol import MergeRefused
+from .linear4bit import frozen_dense_linear
 
 MERGE_REFUSED = ("cannot merge into a 4-bit base (bitsandbytes Linear4bit) in place: its weight is stored quantized; "
                  "keep the adapter unmerged, or merge_and_unload() for a model merged onto the de-quantized weights")
@@ -129,12 +130,7 @@ class BnbLinear4bitBase:
     # merge_and_unload stands a dense layer in for a quantized one (merges go onto the de-quantized weight)
     def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A dense nn.Linear holding W de-quantized (then cast to `dtype`) and the bias; the layer is untouched."""
-        weight = self.dense(dtype)
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        dense.weight = nn.Parameter(weight, requires_grad=False)
-        if self.bias is not None:
-            dense.bias = nn.Parameter(self.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
-        return dense.train(self.module.training)
+        return frozen_dense_linear(self.dense(dtype), self.bias, self.module.training)
 
     def requantized(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
         """A new bitsandbytes Linear4bit with this layer's settings holding `weight` (out, in), quantized

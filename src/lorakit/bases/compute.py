@@ -52,3 +52,13 @@ def autocast_compute_dtype(dtype: torch.dtype, autocast: torch.dtype, device: to
     autocast's dtype (it casts fp32 and 16-bit operands of a linear to it), in fp32 where the
     device only emulates it; other weights (fp64) keep their own rule."""
     return product_dtype(autocast if dtype in _AUTOCAST_CAST else dtype, device)
+
+
+def named_dtype(value: torch.dtype | str | None, allowed: dict[str, torch.dtype]) -> torch.dtype | None:
+    """`value` as one of the `allowed` dtypes (a torch.dtype, or its name with or without "torch.");
+    None stays None. LookupError for anything else (the caller names the option in its message)."""
+    if value is None or (isinstance(value, torch.dtype) and value in allowed.values()):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in allowed:
+        return allowed[value.removeprefix("torch.")]
+    raise LookupError(value)

@@ -112,12 +112,17 @@ def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", blocksize: int =
 def dequantize_linear(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn.Linear:
     """The dense nn.Linear `layer` stands for: W de-quantized (to its weight dtype, then `dtype`)
     and the bias, on its device; `layer` is untouched."""
-    weight = layer.dequantize(dtype)
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    return frozen_dense_linear(layer.dequantize(dtype), layer.bias, layer.training)
+
+
+def frozen_dense_linear(weight: Tensor, bias: Tensor | None, training: bool) -> nn.Linear:
+    """A frozen nn.Linear holding `weight` (out, in) and a copy of `bias` in the weight's dtype:
+    the dense layer a quantized base stands for."""
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     dense.weight = nn.Parameter(weight, requires_grad=False)
-    if layer.bias is not None:
-        dense.bias = nn.Parameter(layer.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
-    return dense.train(layer.training)
+    if bias is not None:
+        dense.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True), requires_grad=False)
+    return dense.train(training)
 
 
 def requantize_like(layer: Linear4bit, weight: Tensor, bias: Tensor | None) -> Linear4bit:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quant4
+from .compute import named_dtype
 
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,8 +52,8 @@ class QuantConfig:
 
 
 def _compute_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None or (isinstance(value, torch.dtype) and value in _COMPUTE_DTYPES.values()):
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in _COMPUTE_DTYPES:
-        return _COMPUTE_DTYPES[value.removeprefix("torch.")]
+    try:
+        return named_dtype(value, _COMPUTE_DTYPES)
+    except LookupError:
+        pass
     raise ValueError(f"QuantConfig.compute_dtype must be None, float32, bfloat16 or float16, not {value!r}")

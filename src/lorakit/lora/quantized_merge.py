@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..bases import QuantizedBase, frozen_base
+from ..bases.compute import named_dtype
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -86,10 +87,10 @@ def has_quantized(model: nn.Module) -> bool:
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _DTYPES.values()):
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("torch.")]
+    try:
+        return named_dtype(dtype, _DTYPES)
+    except LookupError:
+        pass
     raise ValueError(f"merge_and_unload: dtype must be float32, bfloat16, float16 or float64, not {dtype!r}")
 
 
