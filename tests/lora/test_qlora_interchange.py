@@ -88,3 +88,13 @@ def test_a_peft_adapter_on_bitsandbytes_loads_into_lorakit_on_its_4bit_base(mode
     got = logits(ours)
     assert (got - plain).abs().max() > 10 * TOL
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("how", ["load_model", "quantize_model"])
+def test_parameter_counts_on_4bit_bases_equal_peft_on_bitsandbytes(model_dir, how):
+    """PEFT counts a 4-bit weight at its logical size (in x out); so do lorakit's packed bases,
+    on its own Linear4bit and on bitsandbytes' (whose parameter holds half as many bytes)."""
+    config = dict(r=4, lora_alpha=8, target_modules=TARGETS)
+    theirs = peft.get_peft_model(bnb_llama(model_dir), peft.LoraConfig(**config)).get_nb_trainable_parameters()
+    assert get_peft_model(lorakit_4bit(model_dir, how), LoraConfig(**config)).get_nb_trainable_parameters() == theirs
+    assert get_peft_model(bnb_llama(model_dir), LoraConfig(**config)).get_nb_trainable_parameters() == theirs

@@ -51,6 +51,20 @@ def is_linear(module: nn.Module) -> bool:
     return any((kind := get()) is not None and isinstance(module, kind) for _, get, _ in _LINEAR)
 
 
+def uncounted_weight_numel(module: nn.Module) -> int:
+    """The weight values of a packed linear (4-bit, GGUF blocks) that its parameters do not count.
+
+    A packed weight is a buffer (lorakit's kinds) or a parameter of packed bytes (bitsandbytes'
+    Params4bit, half the values); parameter counts report the model's logical size, as PEFT does,
+    so they add in x out less what `parameters()` already holds. 0 for dense layers.
+    """
+    if not is_linear(module) or not hasattr(module, "in_features"):
+        return 0
+    weight = module._parameters.get("weight")
+    counted = weight.numel() if weight is not None else 0
+    return max(0, module.in_features * module.out_features - counted)
+
+
 def is_embedding(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding)
 
