@@ -233,3 +233,17 @@ def test_merge_and_unload_on_bitsandbytes_layers_is_peft_s(llama_dir):
     for a, b in layers:  # PEFT merges onto the de-quantized weight and has bitsandbytes quantize it again
         assert type(b) is bnb.nn.Linear4bit and torch.equal(a.weight.data, b.weight.data)
         assert torch.equal(a.weight.quant_state.absmax, b.weight.quant_state.absmax)
+
+
+def test_an_8bit_bitsandbytes_model_is_refused_in_one_line_and_left_untouched(tmp_path):
+    """Linear8bitLt subclasses nn.Linear; adapting it as dense would compute with its int8 codes."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(save_llama(tmp_path / "m"), device_map="cpu",
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    before = [(name, type(module)) for name, module in model.named_modules()]
+    with pytest.raises(TypeError, match=r"^bitsandbytes' 8-bit Linear8bitLt \(32x32\) is not a base lorakit adapts; "
+                                        r"load the model in 4 bits"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS))
+    assert [(name, type(module)) for name, module in model.named_modules()] == before
+    assert "Linear8bitLt" not in ", ".join(bases.adaptable_types())

@@ -42,6 +42,19 @@ def linear4bit_type() -> type | None:
     return _bnb_class("Linear4bit")
 
 
+def linear8bit_type() -> type | None:
+    """bitsandbytes.nn.Linear8bitLt (transformers' `load_in_8bit`), or None: refused, not adapted."""
+    return _bnb_class("Linear8bitLt")
+
+
+def refuse_8bit(module: nn.Module):
+    """Linear8bitLt subclasses nn.Linear, but its weight is int8 codes with row scales: adapting it as a
+    dense layer would compute with the codes. A one-line refusal naming the way out instead."""
+    raise TypeError(f"bitsandbytes' 8-bit Linear8bitLt ({module.out_features}x{module.in_features}) is not a base "
+                    "lorakit adapts; load the model in 4 bits (lorakit.load_model(..., quantization='nf4') or "
+                    "BitsAndBytesConfig(load_in_4bit=True)) or in 16/32 bits")
+
+
 def params4bit_type() -> type | None:
     """bitsandbytes.nn.Params4bit (the packed weight's parameter class), or None."""
     return _bnb_class("Params4bit")

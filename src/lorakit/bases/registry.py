@@ -20,11 +20,15 @@ from .protocol import FrozenBase
 
 # (what it is called in messages, the module type or a function giving it, the FrozenBase factory)
 _LINEAR: list[tuple[str, Callable[[], type | None], Callable[[nn.Module], FrozenBase]]] = []
+_REFUSED: set[str] = set()  # labels of kinds whose factory refuses them (in one line), not adaptable
 
 
 def register(label: str, module_type: type | Callable[[], type | None],
-             factory: Callable[[nn.Module], FrozenBase], *, first: bool = False) -> None:
-    """Make modules of `module_type` adaptable; `factory(module)` gives their FrozenBase."""
+             factory: Callable[[nn.Module], FrozenBase], *, first: bool = False, refused: bool = False) -> None:
+    """Make modules of `module_type` adaptable; `factory(module)` gives their FrozenBase. `refused`:
+    a kind that looks adaptable (an nn.Linear subclass) but is not: its factory raises the reason."""
+    if refused:
+        _REFUSED.add(label)
     get = module_type if not isinstance(module_type, type) else (lambda: module_type)
     entry = (label, get, factory)
     _LINEAR.insert(0, entry) if first else _LINEAR.append(entry)
@@ -36,6 +40,7 @@ register("lorakit's 4-bit Linear4bit", Linear4bit, Linear4bitBase)
 register("lorakit's GGUFLinear", GGUFLinear, GGUFBase)
 # bitsandbytes' Linear4bit subclasses nn.Linear: first, and only once the user imported bitsandbytes
 register("bitsandbytes' Linear4bit", bnb4bit.linear4bit_type, bnb4bit.BnbLinear4bitBase, first=True)
+register("bitsandbytes' Linear8bitLt", bnb4bit.linear8bit_type, bnb4bit.refuse_8bit, first=True, refused=True)
 
 
 def frozen_base(module: nn.Module) -> FrozenBase | None:
@@ -74,7 +79,7 @@ def is_adaptable(module: nn.Module) -> bool:
 
 
 def adaptable_types() -> list[str]:
-    return [label for label, get, _ in _LINEAR if get() is not None] + ["torch.nn.Embedding"]
+    return [label for label, get, _ in _LINEAR if get() is not None and label not in _REFUSED] + ["torch.nn.Embedding"]
 
 
 def check_adaptable(name: str, module: nn.Module) -> None:
