@@ -79,6 +79,24 @@ def test_products_are_bitsandbytes_dequantized_weight(quant_type, double_quant, 
     torch.testing.assert_close(into, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_the_product_under_autograd_keeps_no_dense_weight_and_backward_is_g_w():
+    layer, dense = bnb_layer()
+    base = bases.frozen_base(layer)
+    w = base.dense()
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        y = base.linear(x)
+    assert kept == []  # not the de-quantized weight, not even x
+    torch.testing.assert_close(y, x @ w.t() + dense.bias.detach(), rtol=1e-6, atol=1e-6)
+    g = torch.randn(2, 5, 40)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-6, atol=1e-6)
+    layer.bias.requires_grad_(True)  # a bias made trainable gets its gradient
+    base.linear(x).backward(g)
+    torch.testing.assert_close(layer.bias.grad, g.sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_16bit_weight_dequantizes_to_its_dtype_and_multiplies_in_the_compute_dtype(dtype):
     layer, _ = bnb_layer(dtype=dtype)

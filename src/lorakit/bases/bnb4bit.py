@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import quant4
 from .compute import product_dtype
+from .frozen_product import frozen_linear
 from .protocol import MergeRefused
 from .linear4bit import frozen_dense_linear
 
@@ -126,8 +127,14 @@ class BnbLinear4bitBase:
     def linear(self, x: Tensor) -> Tensor:
         compute = self.compute_dtype()
         bias = self.bias
-        bias = None if bias is None else bias.to(compute)
-        return F.linear(x.to(compute), dequantize(self.module, compute), bias).to(x.dtype)
+        inner = None if bias is None or bias.requires_grad else bias.to(compute)  # a frozen bias joins the product
+        out = frozen_linear(self, x.to(compute), inner)
+        if bias is not None and inner is None:  # a bias made trainable: autograd adds it
+            out = out + bias.to(compute)
+        return out.to(x.dtype)
+
+    def forward_product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, dequantize(self.module, x.dtype), bias)
 
     def input_grad(self, grad: Tensor, into: Tensor | None = None) -> Tensor:
         compute = self.compute_dtype()

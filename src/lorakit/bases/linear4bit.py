@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import quant4
 from .compute import product_dtype
+from .frozen_product import frozen_linear
 from .protocol import MergeRefused
 
 MERGE_REFUSED = ("cannot merge into a 4-bit base (Linear4bit) in place: its weight is stored quantized; keep the adapter "
@@ -170,13 +171,13 @@ class Linear4bitBase:
         compute = self.compute_dtype()
         xw, bias = x.to(compute), self.bias
         inner = None if bias is None or bias.requires_grad else bias.to(compute)  # a frozen bias joins the product
-        if torch.is_grad_enabled() and xw.requires_grad:
-            out = _Product.apply(xw, self, inner)
-        else:
-            out = product(self.module, xw, compute, bias=inner)
+        out = frozen_linear(self, xw, inner)
         if bias is not None and inner is None:  # a bias made trainable: autograd adds it
             out = out + bias.to(compute)
         return out.to(x.dtype)
+
+    def forward_product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return product(self.module, x, x.dtype, bias=bias)
 
     def input_grad(self, grad: Tensor, into: Tensor | None = None) -> Tensor:
         compute = self.compute_dtype()
@@ -209,17 +210,3 @@ def product(layer: Linear4bit, a: Tensor, compute: torch.dtype, *, to_input: boo
     if not to_input:
         return F.linear(a, w, bias)
     return a @ w if into is None else into.addmm_(a, w)
-
-
-class _Product(torch.autograd.Function):
-    """x W^T (+ a frozen bias) with W de-quantized again in backward: saves nothing, not even x."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, base: Linear4bitBase, bias: Tensor | None) -> Tensor:
-        ctx.base, ctx.shape = base, x.shape
-        return product(base.module, x, x.dtype, bias=bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
-        return ctx.base.input_grad(g).to(grad.dtype).reshape(ctx.shape), None, None
