@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,18 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
+from benchmark_scripts import BENCHMARKS, load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-train_speed = _load_script()
+SCRIPT = BENCHMARKS / "train_speed.py"
+train_speed = load_script("train_speed")
 
 
 def _result(step_s: float, peak: float, losses: list[float]) -> dict:

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "qlora_scale.py"
+from benchmark_scripts import BENCHMARKS, load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("qlora_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-qlora_scale = _load_script()
+SCRIPT = BENCHMARKS / "qlora_scale.py"
+qlora_scale = load_script("qlora_scale")
 
 
 def test_published_shapes():

@@ -39,13 +39,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int, **config) -> Path:
-    """Save a random (non-zero B, scaled up so it visibly changes greedy output) adapter for `model_dir`."""
+def make_adapter(model_dir, out: Path, seed: int, **config) -> Path:
+    """Save a random (non-zero B, scaled up so it visibly changes greedy output) adapter for
+    `model_dir` (a model directory, or a model in memory: a 4-bit one, say)."""
+    from torch import nn
     from transformers import AutoModelForCausalLM
 
     from lorakit import LoraConfig, get_peft_model
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = model_dir if isinstance(model_dir, nn.Module) else AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(seed)
     settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
                 "init_lora_weights": False, **config}

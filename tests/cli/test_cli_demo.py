@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from lorakit import cli
-from lorakit.demo.run import DemoResult, demo_train_config, find_data_dir, format_report, read_heldout, run_demo
+from lorakit.demo.run import (DemoResult, GGUFExport, demo_train_config, find_data_dir, format_report, read_heldout,
+                              run_demo)
+from lorakit.export import inspect_adapter
+from lorakit.models.embedded import builtin_gguf_path
 from lorakit.train import load_train_config
 from lorakit.train.config import SEVEN_PROJECTIONS
 
@@ -81,6 +84,20 @@ def test_demo_flow_on_a_tiny_model(tiny_dir, tmp_path):
     report = format_report(result)
     assert "before fine-tuning:   0.0%" in report and str(out / "adapter") in report
     assert report.count("request:  ") == 3
+    # the adapter for llama.cpp and Ollama: the GGUF reads back as the saved adapter's modules
+    assert result.gguf.adapter == (out / "adapter.gguf").absolute() and result.gguf.base is None  # a model dir
+    info = inspect_adapter(result.gguf.adapter)
+    assert info["n_modules"] == len(SEVEN_PROJECTIONS) * 2 and info["architecture"] == "llama"
+    assert "ADAPTER ./adapter.gguf" in result.gguf.modelfile.read_text()
+    assert f"llama-cli -m BASE.gguf --lora {result.gguf.adapter}" in report
+    assert f"ollama create lorakit-demo -f {result.gguf.modelfile}" in report
+
+
+def test_the_report_names_the_base_gguf_for_llama_cpp(tmp_path):
+    export = GGUFExport(tmp_path / "adapter.gguf", tmp_path / "Modelfile", builtin_gguf_path("smollm2-135m"))
+    result = DemoResult(before=0.0, after=1.0, train_seconds=1.0, adapter_dir=tmp_path / "adapter", gguf=export)
+    report = format_report(result, examples=0)
+    assert f"llama-cli -m {builtin_gguf_path('smollm2-135m')} --lora {tmp_path / 'adapter.gguf'} -p 'Table" in report
 
 
 def test_report_shows_right_answers_first():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lorakit import LoraConfig, PeftModel, cli, get_peft_model, load_model, save_quantized
+from lorakit import PeftModel, cli, load_model, save_quantized
 from lorakit.bases.linear4bit import quantize_linear
 from fourbit import dequantized_copy, four_bit_layers
 
@@ -33,21 +33,10 @@ def four_bit_dir(tiny_dir, tmp_path_factory):
     return out
 
 
-def make_adapter(base, out, seed: int):
-    torch.manual_seed(seed)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.mul_(20)
-    peft.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def four_bit_adapter(four_bit_dir, tmp_path_factory):
+def four_bit_adapter(four_bit_dir, tmp_path_factory, adapter_factory):
     """An adapter made on the 4-bit base (as a QLoRA run on that directory leaves one)."""
-    return make_adapter(load_model(str(four_bit_dir), device="cpu")[0], tmp_path_factory.mktemp("a") / "qlora", seed=1)
+    return adapter_factory(load_model(str(four_bit_dir), device="cpu")[0], tmp_path_factory.mktemp("a") / "qlora", seed=1)
 
 
 def unmerged(model_dir, adapter, **load) -> tuple[torch.Tensor, PeftModel]:
@@ -135,11 +124,12 @@ def test_requantize_writes_a_4bit_dir_that_loads_back_and_prints_the_rounding(
     assert 0 < (got - want).abs().max() < 0.5 * float(want.abs().max())
 
 
-def test_quantize_flag_merges_onto_the_weights_a_qlora_run_trained_against(capsys, tiny_dir, tmp_path):
+def test_quantize_flag_merges_onto_the_weights_a_qlora_run_trained_against(capsys, tiny_dir, tmp_path,
+                                                                            adapter_factory):
     """An adapter trained with `quantize: nf4` over a dense model dir records the dense dir; --quantize
     quantizes it the same way before merging."""
     base = load_model(str(tiny_dir), quantization="nf4", device="cpu")[0]
-    adapter = make_adapter(base, tmp_path / "adapter", seed=2)
+    adapter = adapter_factory(base, tmp_path / "adapter", seed=2)
     out = tmp_path / "merged"
     code, stdout, _ = run_cli(capsys, "merge", "--model", str(tiny_dir), "--adapter", str(adapter),
                               "--quantize", "nf4", "--output", str(out))

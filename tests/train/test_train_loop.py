@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import losses
+from train_helpers import losses, poison_loss
 from safetensors.torch import load_file
 
 from lorakit import PeftModel
@@ -118,15 +118,8 @@ def test_non_empty_output_dir_is_refused_unless_overwrite(base_config):
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(base_config, monkeypatch, tmp_path):
-    calls = []
     real = train_loop.causal_lm_loss
-
-    def poisoned(model, batch):
-        calls.append(1)
-        loss, n = real(model, batch)
-        return (loss * float("nan") if len(calls) >= 5 else loss), n
-
-    monkeypatch.setattr(train_loop, "causal_lm_loss", poisoned)
+    poison_loss(monkeypatch, from_call=5)
     config = dict(base_config, max_steps=8, save_every=2, lora_dropout=0.1)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*checkpoints/step-4"):
         train(TrainConfig(**config))

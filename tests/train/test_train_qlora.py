@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import losses
+from train_helpers import losses, poison_loss
 
 from lorakit import PeftModel
 from lorakit.bases.linear4bit import Linear4bit
@@ -100,15 +100,8 @@ def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_run(base_config, t
 
 
 def test_resumed_4bit_run_continues_as_the_uninterrupted_one(base_config, monkeypatch, tmp_path):
-    calls = []
     real = train_loop.causal_lm_loss
-
-    def poisoned(model, batch):
-        calls.append(1)
-        loss, n = real(model, batch)
-        return (loss * float("nan") if len(calls) >= 5 else loss), n
-
-    monkeypatch.setattr(train_loop, "causal_lm_loss", poisoned)
+    poison_loss(monkeypatch, from_call=5)
     config = dict(base_config, max_steps=8, save_every=2, lora_dropout=0.1, quantize="nf4")
     with pytest.raises(TrainingDiverged, match=r"step 5.*checkpoints/step-4"):
         train(TrainConfig(**config))

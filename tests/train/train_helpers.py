@@ -10,3 +10,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     """step -> logged train loss, from a run's metrics.jsonl."""
     with open(run_dir / "metrics.jsonl") as fh:
         return {r["step"]: r["loss"] for r in map(json.loads, fh)}
+
+
+def poison_loss(monkeypatch, from_call: int) -> None:
+    """Make the trainer's loss NaN from its `from_call`-th call on (a run that diverges there)."""
+    from lorakit.train import loop as train_loop
+
+    calls = []
+    real = train_loop.causal_lm_loss
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss, n = real(model, batch)
+        return (loss * float("nan") if len(calls) >= from_call else loss), n
+
+    monkeypatch.setattr(train_loop, "causal_lm_loss", poisoned)

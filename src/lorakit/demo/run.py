@@ -44,6 +44,24 @@ class DemoResult:
     eval_seconds: float = 0.0  # both held-out evaluations together
     train_info: dict[str, Any] = field(default_factory=dict)
     memory: BaseMemory | None = None  # the base's weights in memory (QLoRA: 4-bit vs 16/32-bit)
+    gguf: GGUFExport | None = None  # the adapter exported for llama.cpp and Ollama
+
+
+@dataclass
+class GGUFExport:
+    """The adapter as llama.cpp's LoRA GGUF, with an Ollama Modelfile beside it."""
+
+    adapter: Path  # the .gguf adapter file
+    modelfile: Path
+    base: Path | None  # the base's GGUF file, when the base came from one (the built-in model does)
+
+    def lines(self, prompt: str) -> list[str]:
+        base = self.base or "BASE.gguf"
+        return [
+            f"GGUF:     {self.adapter} (llama.cpp's LoRA adapter) and {self.modelfile} (Ollama)",
+            f"llama.cpp: llama-cli -m {base} --lora {self.adapter} -p '{prompt}'",
+            f"Ollama:    ollama create lorakit-demo -f {self.modelfile} && ollama run lorakit-demo",
+        ]
 
 
 def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -147,7 +165,27 @@ def run_demo(
         before, after, train_seconds, result.adapter_dir, [p[-1]["content"] for p in prompts],
         references, before_answers, after_answers, eval_seconds,
         {"steps": result.steps, "train_loss": result.train_loss, "train_time_s": result.train_time_s}, memory,
+        export_gguf(Path(result.adapter_dir), config.model, log),
     )
+
+
+def export_gguf(adapter_dir: Path, model: str, log: Callable[[str], None]) -> GGUFExport | None:
+    """The adapter as `adapter.gguf` + `Modelfile` beside its directory, checked against the base's
+    GGUF; a base llama.cpp's adapter format cannot describe is one logged line, not a failed demo."""
+    from ..export import export_gguf_adapter
+    from ..models.load import packed_gguf_path
+
+    try:
+        out = export_gguf_adapter(adapter_dir, adapter_dir.parent / "adapter.gguf", base=model, overwrite=True,
+                                  modelfile=True)
+    except (ValueError, FileNotFoundError) as err:
+        log(f"no GGUF export of the adapter: {err}")
+        return None
+    try:
+        base = packed_gguf_path(model)
+    except ValueError:  # a model dir or hub id: llama.cpp needs its own GGUF of it
+        base = None
+    return GGUFExport(out, out.parent / "Modelfile", base)
 
 
 def format_report(result: DemoResult, examples: int = 3) -> str:
@@ -173,9 +211,11 @@ def format_report(result: DemoResult, examples: int = 3) -> str:
             "",
         ]
     adapter = result.adapter_dir
+    prompt = "Table for 3 on Sunday at 8pm, name Ada Byrne."
     lines += [
         f"adapter: {adapter}/ (PEFT format)",
-        f"try it:  lorakit generate --adapter {adapter} --prompt 'Table for 3 on Sunday at 8pm, name Ada Byrne.'",
+        f"try it:  lorakit generate --adapter {adapter} --prompt '{prompt}'",
+        *(result.gguf.lines(prompt) if result.gguf else []),
         "=" * 72,
     ]
     return "\n".join(lines)
