@@ -7,6 +7,10 @@ nf4`). Scores each on the held-out split (QLoRA on its 4-bit base) and prints th
 ratio to full fine-tuning and QLoRA's difference from LoRA in points (goal: within 3).
 
     python benchmarks/quality.py [--full-lr 5e-5] [--max-steps N] [--methods lora,full,qlora]
+    python benchmarks/quality.py --methods lora,qlora --seeds 0,1,2   # each row per seed, and the means
+
+The held-out split has 64 requests, so one answer is 1.6 points and a single run's score moves by
+a few points with the seed (the adapter's initialisation and the data order): compare means.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ def main() -> int:
     parser.add_argument("--full-lr", type=float, default=5e-5, help="learning rate for full fine-tuning")
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps (every run)")
     parser.add_argument("--methods", default="lora,full,qlora", help="comma list of the rows to run")
+    parser.add_argument("--seeds", default=None, help="comma list of seeds, each method run once per seed "
+                                                      "(default: the recipe's seed)")
     args = parser.parse_args()
     wanted = args.methods.split(",")
 
@@ -43,18 +49,25 @@ def main() -> int:
             "qlora": ("QLoRA (NF4 base)",
                       dataclasses.replace(lora, quantize="nf4", output_dir=str(Path(tmp) / "qlora"))),
         }
-        for label, config in (runs[name] for name in wanted):
-            start = time.perf_counter()
-            result = train(config)
-            seconds = time.perf_counter() - start
-            score, _ = evaluate(result.model.eval(), tokenizer, prompts, references)
-            rows.append((label, config.lr, result.steps, seconds, score))
-            result.model = None
-    scores = dict(zip(wanted, (row[4] for row in rows)))
-    print("| method | lr | steps | train time (s) | held-out exact match |")
-    print("|---|---:|---:|---:|---:|")
-    for label, lr, steps, seconds, score in rows:
-        print(f"| {label} | {lr:g} | {steps} | {seconds:.0f} | {score:.1%} |")
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [lora.seed]
+        for seed in seeds:
+            for name in wanted:
+                label, config = runs[name]
+                config = dataclasses.replace(config, seed=seed)
+                start = time.perf_counter()
+                result = train(config)
+                seconds = time.perf_counter() - start
+                score, _ = evaluate(result.model.eval(), tokenizer, prompts, references)
+                rows.append((name, label, seed, config.lr, result.steps, seconds, score))
+                result.model = None
+    scores = {name: sum(r[6] for r in rows if r[0] == name) / len(seeds) for name in wanted}  # means over seeds
+    print("| method | seed | lr | steps | train time (s) | held-out exact match |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for _, label, seed, lr, steps, seconds, score in rows:
+        print(f"| {label} | {seed} | {lr:g} | {steps} | {seconds:.0f} | {score:.1%} |")
+    if len(seeds) > 1:
+        print("means over seeds " + ", ".join(map(str, seeds)) + ": "
+              + " ".join(f"{name}={scores[name]:.3f}" for name in wanted))
     if "lora" in scores and "full" in scores:
         lora_score, full_score = scores["lora"], scores["full"]
         ratio = lora_score / full_score if full_score else float("inf")
