@@ -55,9 +55,24 @@ def test_compare_passes_only_when_the_change_and_every_top1_agree():
     flipped = base + delta
     cpp = flipped.copy()
     row = int(np.argmax(flipped[0]))
-    cpp[0, row] -= 100.0  # one position's top-1 token changes
+    cpp[0, row] -= 100.0  # one position's top-1 token changes, where the base shows no noise
     bad = interop.compare("m", "adapter", base, flipped, base, cpp)
-    assert any("top-1" in f for f in bad.failures)
+    assert any("top-1" in f for f in bad.failures) and bad.n_decided == 6
+
+
+def test_top1_counts_only_positions_the_noise_cannot_flip():
+    lk_base = np.zeros((3, 4))
+    lk_tuned = np.array([[0.0, 1.0, 0.99, 0.0],  # margin 0.01: within the noise
+                         [0.0, 2.0, 0.0, 0.0],  # margin 2
+                         [3.0, 0.0, 0.0, 0.0]])
+    cpp_base = lk_base + np.array([[0.02, 0, 0, 0], [0.02, 0, 0, 0], [0.02, 0, 0, 0]])
+    assert interop.decided(lk_tuned, lk_base, cpp_base).tolist() == [False, True, True]
+    cpp_tuned = lk_tuned.copy()
+    cpp_tuned[0, 2] += 0.03  # a near tie flips: not counted against llama.cpp
+    row = interop.compare("m", "merged q8_0", lk_base, lk_tuned, cpp_base, cpp_tuned)
+    assert row.top1 == pytest.approx(2 / 3) and row.top1_decided == 1.0 and row.n_decided == 2
+    assert not any("top-1" in f for f in row.failures)
+    assert interop.top1_agreement(lk_tuned, cpp_tuned, np.zeros(3, bool)) != interop.top1_agreement(lk_tuned, cpp_tuned, np.zeros(3, bool))  # nan
 
 
 def test_texts_and_table():
@@ -69,5 +84,6 @@ def test_texts_and_table():
                                                               np.eye(3), np.eye(3) * 2)])
     lines = table.splitlines()
     assert lines[0].startswith("| model | check | Δ-logit corr") and len(lines) == 5
+    assert "| 100.0% (100% of 3/3) |" in lines[4]  # no base noise: every position counts
     assert lines[2].endswith('ok: "{}" |') and "FAIL" in lines[3]
     assert all(line.count("|") == 9 for line in lines)
