@@ -2,12 +2,15 @@
 
 For the embedded SmolLM2-135M (its Q4_1 GGUF, written by llama.cpp's converter) and tiny random
 Llama, Qwen2, Gemma, Gemma 2 and Gemma 3 models (f32 base GGUFs written by lorakit), each with a
-LoRA adapter (SmolLM2: a short fine-tune of the demo task; tiny models: random nonzero A and B):
+LoRA adapter (SmolLM2: a short fine-tune of the demo task, or with --steps 0 a random one; tiny
+models: random nonzero A and B):
 
   adapter   the base GGUF + lorakit's exported adapter GGUF (llama.cpp's --lora) against lorakit's
             base + adapter: the adapter's change to the logits (with minus without, each side on
-            its own base) correlates >= 0.99, the top-1 token agrees at every position, and the
-            residual |llama.cpp - lorakit| is set beside llama.cpp's own noise on the base alone
+            its own base) correlates >= 0.99, the top-1 token agrees at every position whose
+            lorakit margin is above llama.cpp's own noise there (`decided`; at least a quarter of
+            the positions must be, or the check says too little), and the residual
+            |llama.cpp - lorakit| is set beside that noise, measured on the base alone
   merged    lorakit's merged f16 and q8_0 GGUFs the same way (the "without" side: the base written
             in the same type)
   demo      a greedy continuation of held-out demo prompts: the same text (and JSON) from lorakit,
@@ -16,8 +19,9 @@ LoRA adapter (SmolLM2: a short fine-tune of the demo task; tiny models: random n
 Prints one markdown table (docs/gguf.md, "Verified against llama.cpp") and exits 1 if a check
 fails. `make interop` builds llama-cpp-python once and runs this.
 
-    python benchmarks/interop.py                  # everything (~15 minutes on 2 busy cores)
+    python benchmarks/interop.py                  # everything (~15 minutes on 2 idle cores)
     python benchmarks/interop.py --tiny-only      # skip SmolLM2 and the demo fine-tune
+    python benchmarks/interop.py --steps 0        # SmolLM2 with a random adapter, no demo fine-tune
     python benchmarks/interop.py --dry-run        # write every file, check it with gguf-py; no llama.cpp
 """
 
@@ -100,7 +104,7 @@ def compare(model: str, check: str, lk_base, lk_tuned, cpp_base, cpp_tuned) -> R
               rms(cpp_tuned - lk_tuned), rms(cpp_base - lk_base), rms(lk_delta))
     if not row.correlation >= MIN_CORRELATION:
         row.failures.append(f"adapter change correlation {row.correlation:.4f} < {MIN_CORRELATION}")
-    if row.n_decided < row.n_positions / 2:
+    if row.n_decided < row.n_positions / 4:
         row.failures.append(f"only {row.n_decided} of {row.n_positions} positions have a top-1 margin above "
                             "llama.cpp's noise: the top-1 check says little")
     elif row.top1_decided < 1.0:
@@ -247,8 +251,8 @@ def tiny_model(family: str, tokenizer):
     return model
 
 
-def random_adapter(model, out: Path, seed: int = 1) -> Path:
-    """A rank-4 adapter on every linear layer, A and B random (B's scale keeps the change moderate)."""
+def random_adapter(model, out: Path, seed: int = 1, scale: float = 0.05) -> Path:
+    """A rank-4 adapter on every linear layer, A and B random (B's std `scale` sets the change's size)."""
     import torch
 
     from lorakit import LoraConfig, get_peft_model
@@ -259,7 +263,7 @@ def random_adapter(model, out: Path, seed: int = 1) -> Path:
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
+                p.copy_(torch.randn_like(p) * scale)
     peft.save_pretrained(out)
     return out
 
@@ -318,28 +322,40 @@ def demo_prompts(tokenizer) -> tuple[list[list[int]], list[str]]:
     return ids, references[:DEMO_PROMPTS]
 
 
-def smollm_case(work: Path, steps: int) -> Case:
-    """SmolLM2-135M: its own Q4_1 GGUF as the base, the demo task fine-tuned for `steps` steps."""
+def demo_adapter(folder: Path, steps: int) -> Path:
+    """The demo task's recipe fine-tuned for `steps` steps (warmup no longer than the run)."""
     from lorakit.demo.run import demo_train_config, find_data_dir
-    from lorakit.models.embedded import builtin_gguf_path
-    from lorakit.models.inference import load_for_inference, quiet_loading
+    from lorakit.models.inference import quiet_loading
     from lorakit.train import train
 
-    folder = work / "smollm2"
     config = demo_train_config(find_data_dir(), folder / "adapter", max_steps=steps, quiet=True)
     print(f"fine-tuning SmolLM2-135M on the demo task: {steps} steps of {config.batch_size}", file=sys.stderr)
     with quiet_loading():
         result = train(config)
-    result.model = None
+    return Path(result.adapter_dir)
+
+
+def smollm_case(work: Path, steps: int) -> Case:
+    """SmolLM2-135M: its own Q4_1 GGUF as the base; the adapter the demo task fine-tuned for `steps`
+    steps, or (steps 0) a random rank-4 one."""
+    from lorakit.models.embedded import builtin_gguf_path
+    from lorakit.models.inference import load_for_inference
+
+    folder = work / "smollm2"
     base, tokenizer = load_for_inference("smollm2-135m", [], dtype="float32", device="cpu")
     bases = write_bases(base, tokenizer, folder)
-    tuned, _ = load_for_inference("smollm2-135m", [result.adapter_dir], dtype="float32", device="cpu")
+    # a random adapter's change is made as large as a fine-tune's (logit rms ~3): the Q4_1 base's own
+    # noise in llama.cpp (its activations are rounded to 8 bits) is ~0.3 rms
+    adapter_dir = demo_adapter(folder, steps) if steps else random_adapter(base, folder / "adapter", scale=0.2)
+    del base
+    tuned, _ = load_for_inference("smollm2-135m", [adapter_dir], dtype="float32", device="cpu")
     tuned.eval()
     prompts, _ = demo_prompts(tokenizer)
     answer = '{"name":"Ada Byrne","guests":3,"day":"Sunday","time":"8:00pm"}<|im_end|>'
     ids = prompts[0] + tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return Case("SmolLM2-135M", folder, tuned, builtin_gguf_path("smollm2-135m"), bases, Path(result.adapter_dir),
-                "smollm2-135m", tokenizer, ids)
+    name = f"SmolLM2-135M ({f'demo, {steps} steps' if steps else 'random r=4'})"
+    return Case(name, folder, tuned, builtin_gguf_path("smollm2-135m"), bases, adapter_dir, "smollm2-135m",
+                tokenizer, ids)
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -354,29 +370,30 @@ def check_case(case: Case, dry_run: bool) -> list[Row]:
 
     adapter_gguf = export_gguf_adapter(case.adapter_dir, case.folder / "adapter.gguf", base=case.base_gguf,
                                        overwrite=True)
-    files = {"adapter": (case.base_gguf, adapter_gguf)}
+    # check -> (the base llama.cpp runs alone, the model it runs with the adapter, the adapter GGUF)
+    files = {"adapter": (case.base_gguf, case.base_gguf, adapter_gguf),
+             "adapter, f16 base": (case.base_files["f16"], case.base_files["f16"], adapter_gguf)}
     for outtype, base in case.base_files.items():
         merged = merge_adapter_to_gguf(case.model_ref, case.adapter_dir, case.folder / f"merged-{outtype}.gguf",
                                        outtype=outtype, overwrite=True, modelfile=False).path
-        files[f"merged {outtype}"] = (base, merged)
+        files[f"merged {outtype}"] = (base, merged, None)
     if dry_run:
         return [dry_row(case, check, paths) for check, paths in files.items()]
     lk_base, lk_tuned = base_logits(case), torch_logits(case.tuned, case.ids)
     rows = []
-    for check, (base, tuned) in files.items():
+    for check, (base, model, lora) in files.items():
         cpp_base = llama_logits(base, case.ids)
-        cpp_tuned = llama_logits(case.base_gguf, case.ids, lora_path=tuned) if check == "adapter" \
-            else llama_logits(tuned, case.ids)
+        cpp_tuned = llama_logits(model, case.ids, lora_path=lora)
         rows.append(compare(case.name, check, lk_base, lk_tuned, cpp_base, cpp_tuned))
     return rows
 
 
-def dry_row(case: Case, check: str, paths: tuple[Path, Path]) -> Row:
+def dry_row(case: Case, check: str, paths: tuple[Path | None, ...]) -> Row:
     """--dry-run: each file opens with gguf-py and holds tensors; llama.cpp is not run."""
     import gguf
 
     row = Row(case.name, check + " (dry run)")
-    for path in paths:
+    for path in filter(None, paths):
         reader = gguf.GGUFReader(path)
         if not reader.tensors:
             row.failures.append(f"{path} holds no tensors")
@@ -408,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="write and check the files; do not run llama.cpp")
     parser.add_argument("--tiny-only", action="store_true", help="only the tiny random models")
-    parser.add_argument("--steps", type=int, default=8, help="demo fine-tune steps for SmolLM2 (default 8)")
+    parser.add_argument("--smollm-only", action="store_true", help="only SmolLM2 (and the demo check)")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="demo fine-tune steps for SmolLM2 (default 8; 0: a random adapter and no demo check)")
     parser.add_argument("--work", type=Path, default=None, help="where the files go (default: a temp dir)")
     args = parser.parse_args(argv)
     if not args.dry_run:
@@ -421,13 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lorakit-interop-") as tmp:
         work = args.work or Path(tmp)
         rows: list[Row] = []
-        for family in TINY_FAMILIES:
+        for family in () if args.smollm_only else TINY_FAMILIES:
             print(f"tiny {family} ...", file=sys.stderr)
             rows += check_case(tiny_case(family, work), args.dry_run)
         if not args.tiny_only:
             case = smollm_case(work, args.steps)
             rows += check_case(case, args.dry_run)
-            if not args.dry_run:
+            if args.steps and not args.dry_run:
                 rows += demo_rows(case)
     print(format_table(rows))
     failed = [f"{r.model} / {r.check}: {f}" for r in rows for f in r.failures]
