@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="write and check the files; do not run llama.cpp")
     parser.add_argument("--tiny-only", action="store_true", help="only the tiny random models")
     parser.add_argument("--smollm-only", action="store_true", help="only SmolLM2 (and the demo check)")
-    parser.add_argument("--steps", type=int, default=8,
-                        help="demo fine-tune steps for SmolLM2 (default 8; 0: a random adapter and no demo check)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="demo fine-tune steps for SmolLM2 (default 30, half the recipe; 0: a random adapter, no demo check)")
     parser.add_argument("--work", type=Path, default=None, help="where the files go (default: a temp dir)")
     args = parser.parse_args(argv)
     if not args.dry_run:
