@@ -405,7 +405,8 @@ def demo_rows(case: Case) -> list[Row]:
     from lorakit.demo.task import score
 
     prompts, references = demo_prompts(case.tokenizer)
-    stop = {t for t in (case.tokenizer.eos_token_id, case.tokenizer.convert_tokens_to_ids("<|im_end|>")) if t is not None}
+    ends = (case.tokenizer.eos_token_id, case.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    stop = {t for t in ends if t is not None}
 
     def text(runs):
         return [case.tokenizer.decode(r) for r in runs]
@@ -427,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-only", action="store_true", help="only the tiny random models")
     parser.add_argument("--smollm-only", action="store_true", help="only SmolLM2 (and the demo check)")
     parser.add_argument("--steps", type=int, default=30,
-                        help="demo fine-tune steps for SmolLM2 (default 30, half the recipe; 0: a random adapter, no demo check)")
+                        help="demo fine-tune steps for SmolLM2 (default 30, half the recipe; "
+                             "0: a random adapter, no demo check)")
     parser.add_argument("--work", type=Path, default=None, help="where the files go (default: a temp dir)")
     args = parser.parse_args(argv)
     if not args.dry_run:

@@ -66,7 +66,8 @@ GEMMAS = {"gemma": {}, "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8
 
 def save_tiny(out: Path, family: str, tied: bool) -> Path:
     """A tiny random model of `family` ("llama", "qwen2", or one of GEMMAS) with the tiny tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     tokenizer = tiny_tokenizer(family)
     tokenizer.save_pretrained(out)
