@@ -59,8 +59,15 @@ def tiny_tokenizer(family: str):
     return tokenizer
 
 
+GEMMAS = {"gemma": {}, "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8),
+          "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, layer_types=["sliding_attention",
+                                                                                      "full_attention"])}
+
+
 def save_tiny(out: Path, family: str, tied: bool) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A tiny random model of `family` ("llama", "qwen2", or one of GEMMAS) with the tiny tokenizer."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     tokenizer = tiny_tokenizer(family)
     tokenizer.save_pretrained(out)
@@ -69,7 +76,10 @@ def save_tiny(out: Path, family: str, tied: bool) -> Path:
                   tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    if family == "qwen2":
+    if family in GEMMAS:
+        config = AutoConfig.for_model(family, **kwargs, head_dim=16, **GEMMAS[family])
+        model = AutoModelForCausalLM.from_config(config)
+    elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kwargs, rope_theta=1e6))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kwargs, rope_theta=10000.0))
@@ -120,7 +130,8 @@ def file_weights(path: Path, model) -> dict[str, torch.Tensor]:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         value = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(shape)
         heads = rotary_heads(model.config, gguf_name) if arch.rope_permuted else None
-        out[hf_name] = value if heads is None else unpermute_rows(value, heads)
+        value = value if heads is None else unpermute_rows(value, heads)
+        out[hf_name] = value - arch.norm_offset if hf_name.endswith("norm.weight") else value
     return out
 
 
@@ -251,7 +262,8 @@ def test_other_families_refused_in_one_line(tmp_path):
     GPT2LMHeadModel(config).save_pretrained(model_dir)
     model, _ = load_model(str(model_dir))
     get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(tmp_path / "adapter")
-    with pytest.raises(ValueError, match="GGUF export supports the model families llama, qwen2, not 'gpt2'"):
+    with pytest.raises(ValueError, match="merged GGUF model export supports the model families gemma, gemma2, "
+                                         "gemma3_text, llama, mistral, qwen2, not 'gpt2'"):
         merge_adapter_to_gguf(str(model_dir), tmp_path / "adapter", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "Modelfile").exists()
 
@@ -269,6 +281,59 @@ def test_cli_merge_to_gguf(tiny, tmp_path, capsys):
     assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--output", str(out),
                  "--outtype", "q4_k_m"]) == 2
     assert "llama-quantize" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", list(GEMMAS))
+def test_gemma_merged_gguf_holds_the_merge_with_llama_cpps_norms_and_keys(family, tmp_path):
+    """Gemma's RMSNorm scales by 1 + w; llama.cpp's by the stored weight, so the file holds 1 + w
+    (as llama.cpp's converter writes it), with the keys llama.cpp's gemma loaders read."""
+    model_dir = save_tiny(tmp_path / "model", family, tied=True)
+    adapter = save_adapter(model_dir, tmp_path / "adapter")
+    peft, _ = load_for_inference(str(model_dir), [adapter], dtype="float32", device="cpu")
+    merged = peft.merge_and_unload().eval()
+    out = merge_adapter_to_gguf(str(model_dir), adapter, tmp_path / "m.gguf", outtype="f32", modelfile=False).path
+    reader = gguf.GGUFReader(out)
+    kv = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = {"gemma3_text": "gemma3"}.get(family, family)
+    assert kv["general.architecture"] == arch
+
+    state = merged.state_dict()
+    stored = file_weights(out, merged)
+    assert set(stored) == set(state) - {"lm_head.weight"}
+    for name, value in stored.items():
+        exact = 0.0 if not name.endswith("norm.weight") else 1e-6  # (w + 1) - 1 rounds in fp32
+        torch.testing.assert_close(value, state[name], atol=exact, rtol=0, msg=name)
+    raw = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    norm = state["model.layers.0.input_layernorm.weight"]
+    torch.testing.assert_close(raw["blk.0.attn_norm.weight"], norm + 1.0, atol=0, rtol=0)
+    torch.testing.assert_close(raw["blk.0.attn_q.weight"], state["model.layers.0.self_attn.q_proj.weight"],
+                               atol=0, rtol=0)  # no rotary permutation: gemma rotates halves, as transformers
+
+    c = merged.config
+    assert kv[f"{arch}.rope.dimension_count"] == 16
+    if family == "gemma2":
+        assert kv["gemma2.attn_logit_softcapping"] == pytest.approx(c.attn_logit_softcapping)
+        assert kv["gemma2.final_logit_softcapping"] == pytest.approx(c.final_logit_softcapping)
+    if family != "gemma":
+        assert kv[f"{arch}.attention.sliding_window"] == 8
+        assert kv[f"{arch}.attention.sliding_window_pattern"] == [t == "sliding_attention" for t in c.layer_types]
+        assert kv[f"{arch}.rope.freq_base_swa"] == pytest.approx(10000.0)
+
+
+def test_gemma_untied_head_and_other_query_scale_refused(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.export.gguf_model import write_gguf_model
+
+    tokenizer = tiny_tokenizer("llama")
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    untied = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma", **base, tie_word_embeddings=False))
+    with pytest.raises(ValueError, match="llama.cpp's gemma reads the output head from token_embd"):
+        write_gguf_model(untied, tokenizer, tmp_path / "a.gguf")
+    scaled = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", **base, query_pre_attn_scalar=100))
+    with pytest.raises(ValueError, match="query_pre_attn_scalar 100 has no GGUF form"):
+        write_gguf_model(scaled, tokenizer, tmp_path / "b.gguf")
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ A (r, in) and lora_b PEFT's B (out, r); for ``token_embd.weight`` lora_a is A tr
 A PEFT adapter's own scale per module (rsLoRA's alpha / sqrt(r), `rank_pattern`, `alpha_pattern`)
 is folded into lora_b so that llama.cpp's one alpha gives the same product. Llama-family GGUF files
 store attn_q / attn_k rows permuted for llama.cpp's rotary layout, so lora_b of those is permuted
-the same way (and un-permuted on reading). The name map and the permutation are
-`models.gguf_packed`'s, which reads base GGUF files the same way.
+the same way (and un-permuted on reading). The architecture table, the name map and the
+permutation are `models.gguf_names`'s, shared with the packed loader and the merged-model writer.
 """
 
 from __future__ import annotations
@@ -33,18 +33,9 @@ from torch import Tensor
 from ..lora.config import LoraConfig
 from ..lora.functional import lora_scaling
 from ..lora.io import PREFIX, atomic_write_bytes, fsync_dir
-from ..models.gguf_packed import gguf_names, rotary_heads, unpermute_rows
+from ..models.gguf_names import GGUF_ARCHS, arch_for_model_type, gguf_names, permute_rows, rotary_heads, unpermute_rows
 from . import check
 from .check import Module
-
-# transformers `model_type` -> GGUF `general.architecture` (llama.cpp's convert_hf_to_gguf.py classes)
-GGUF_ARCHITECTURES: dict[str, str] = {
-    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-    "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2",
-}
-# GGUF architectures whose converter permutes attn_q / attn_k rows (LlamaModel.permute); the others
-# use the NeoX rotary layout that matches transformers' rows as they are
-ROPE_PERMUTED = frozenset({"llama"})
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}  # general.file_type: gguf.LlamaFileType's numbers
@@ -57,14 +48,6 @@ MERGED_EXPORT = "export the merged model instead: lorakit merge --adapter DIR --
 def llamacpp_scale(alpha: float, rank: int) -> float:
     """The scale llama.cpp gives one lora_a/lora_b pair: alpha / rank (lora_b's ne[0]), or 1 when alpha is 0."""
     return alpha / rank if alpha else 1.0
-
-
-def permute_rows(rows: Tensor, n_head: int) -> Tensor:
-    """llama.cpp's rotary permutation of q/k rows: the inverse of `gguf_packed.unpermute_rows`."""
-    order = unpermute_rows(torch.arange(rows.shape[0]), n_head)  # model row i is file row order[i]
-    permuted = torch.empty_like(rows)
-    permuted[order] = rows
-    return permuted
 
 
 # -- the base: what the adapter's tensors are named and shaped after ----------------------------
@@ -83,14 +66,12 @@ class GGUFBase:
 
     @property
     def rope_permuted(self) -> bool:
-        return self.arch in ROPE_PERMUTED
+        return GGUF_ARCHS[self.arch].rope_permuted
 
     def names(self, module_names: list[str]) -> dict[str, str]:
         """module name -> its GGUF weight's name (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q.weight``)."""
-        import gguf
-
-        member = next(k.name for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch)
-        found = gguf_names([f"{m}.weight" for m in module_names], member, self.num_hidden_layers)
+        found = gguf_names([f"{m}.weight" for m in module_names], GGUF_ARCHS[self.arch].member,
+                           self.num_hidden_layers)
         return {name[: -len(".weight")]: gguf_name for name, gguf_name in found.items()}
 
     def heads(self, gguf_name: str) -> int | None:
@@ -99,12 +80,13 @@ class GGUFBase:
 
 
 def gguf_arch_of(model_type: str | None, where: str) -> str:
-    arch = GGUF_ARCHITECTURES.get(model_type or "")
-    if arch is None:
-        known = ", ".join(sorted(GGUF_ARCHITECTURES))
+    """The `general.architecture` an adapter for a `model_type` base names; a one-line error otherwise."""
+    try:
+        return arch_for_model_type(model_type).name
+    except ValueError:
+        known = ", ".join(sorted(t for a in GGUF_ARCHS.values() for t in (a.model_type, *a.aliases)))
         raise ValueError(f"{where}: model_type {model_type!r} has no GGUF adapter name map in lorakit "
-                         f"(it maps {known}); {MERGED_EXPORT}")
-    return arch
+                         f"(it maps {known}); {MERGED_EXPORT}") from None
 
 
 def base_from_config(config: Any, source: str) -> GGUFBase:
@@ -136,8 +118,8 @@ def base_from_gguf(path: Path) -> GGUFBase:
     if kind != "model":
         raise ValueError(f"{path}: general.type is {kind!r}; the base must be a model GGUF")
     arch = _field(reader, "general.architecture")
-    if arch not in set(GGUF_ARCHITECTURES.values()):
-        known = ", ".join(sorted(set(GGUF_ARCHITECTURES.values())))
+    if arch not in GGUF_ARCHS:
+        known = ", ".join(sorted(GGUF_ARCHS))
         raise ValueError(f"{path}: general.architecture {arch!r} has no GGUF adapter name map in lorakit "
                          f"(it maps {known}); {MERGED_EXPORT}")
     n_head = _field(reader, f"{arch}.attention.head_count")

@@ -5,7 +5,8 @@
 The file holds what llama.cpp's loader reads: the architecture's hyperparameters
 (``{arch}.context_length``, embedding_length, block_count, heads, rope, norm epsilon, ...), the
 tokenizer (`export.gguf_vocab`) with its chat template, and every weight under llama.cpp's tensor
-name (gguf's own table, `models.gguf_names`), with Llama's q/k rows in llama.cpp's rotary order.
+name (gguf's own table, `models.gguf_names`), with Llama's q/k rows in llama.cpp's rotary order
+and Gemma's RMSNorm weights stored as 1 + w (llama.cpp's norm scales by the stored weight).
 Weights are quantized by gguf-py (`gguf.quants.quantize`) from the fp32 merge, so each is rounded
 once. Types follow llama.cpp's converter: 1-D tensors (norms, biases) stay F32; a weight whose rows
 are not whole blocks falls back to F16; with q4_0/q4_1 the token embedding and the output head are
@@ -78,11 +79,56 @@ def encode(value: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(value, dtype=np.float32), qtype)
 
 
-def _rope(config) -> tuple[float, dict]:
-    """(rope theta, scaling parameters) from a transformers 4 or 5 config."""
+def _rope(config, layer_type: str = "full_attention") -> tuple[float, dict]:
+    """(rope theta, scaling parameters) from a transformers 4 or 5 config; Gemma 3 keeps one set
+    per layer type (`layer_type`: "full_attention" or "sliding_attention")."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     return float(theta), params
+
+
+def _gemma_keys(writer, config, arch: GGUFArch) -> None:
+    """What llama.cpp's gemma/gemma2/gemma3 loaders read beyond the common keys, and what they assume.
+
+    Both tie the head to token_embd (gemma3 may store its own); gemma2 always soft-caps attention and
+    final logits; gemma2/gemma3 scale queries by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for the
+    27B sizes, which transformers expresses as query_pre_attn_scalar) and read which layers use the
+    sliding window from ``{arch}.attention.sliding_window_pattern`` (written here per layer).
+    """
+    if arch.name in ("gemma", "gemma2") and not config.tie_word_embeddings:
+        raise ValueError(f"GGUF export: llama.cpp's {arch.name} reads the output head from token_embd; "
+                         "this model's head is untied (tie_word_embeddings is false)")
+    if arch.name == "gemma":
+        return
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar not in (None, head_dim, config.hidden_size // heads):
+        raise ValueError(f"GGUF export: query_pre_attn_scalar {scalar} has no GGUF form: llama.cpp's {arch.name} "
+                         f"scales queries by head_dim ({head_dim}) or hidden_size/heads")
+    caps = {"attn_logit_softcapping": writer.add_attn_logit_softcapping,
+            "final_logit_softcapping": writer.add_final_logit_softcapping}
+    for key, add in caps.items():
+        value = getattr(config, key, None)
+        if value:
+            add(float(value))
+        elif arch.name == "gemma2":  # its loader caps with defaults (50, 30) when the keys are absent
+            raise ValueError(f"GGUF export: llama.cpp's gemma2 always applies {key}; this model's is {value!r}")
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "sliding_window", None) and layer_types:
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+        theta, local = _rope(config, "sliding_attention")
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"GGUF export: rope scaling {local['rope_type']!r} on sliding-window layers "
+                             "has no GGUF form here")
+        writer.add_rope_freq_base_swa(theta)
+
+
+# general.architecture -> the family's own keys (and checks), after the common ones
+_FAMILY_KEYS = {"gemma": _gemma_keys, "gemma2": _gemma_keys, "gemma3": _gemma_keys}
 
 
 def write_hparams(writer, config, arch: GGUFArch, name: str) -> None:
@@ -116,6 +162,8 @@ def write_hparams(writer, config, arch: GGUFArch, name: str) -> None:
         writer.add_rope_scaling_factor(float(rope["factor"]))
         if "original_max_position_embeddings" in rope:
             writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    if arch.name in _FAMILY_KEYS:
+        _FAMILY_KEYS[arch.name](writer, config, arch)
 
 
 def gguf_tensors(model: PreTrainedModel, arch: GGUFArch):
@@ -137,6 +185,8 @@ def gguf_tensors(model: PreTrainedModel, arch: GGUFArch):
         heads = rotary_heads(config, gguf_name) if arch.rope_permuted else None
         if heads is not None:
             value = permute_rows(value, heads)
+        if arch.norm_offset and hf_name.endswith("norm.weight"):  # as llama.cpp's converter matches them
+            value = value + arch.norm_offset
         yield gguf_name, value.numpy()
 
 
@@ -150,7 +200,7 @@ def write_gguf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     import gguf
 
     outtype = check_outtype(outtype)
-    arch = arch_for_model_type(model.config.model_type)
+    arch = arch_for_model_type(model.config.model_type, merged=True)
     vocab = gguf_vocab(tokenizer, model.config.vocab_size, pre=pre)
     writer = gguf.GGUFWriter(os.fspath(path), arch.name)
     try:
@@ -222,7 +272,7 @@ def merge_adapter_to_gguf(
     peft, tokenizer = load_for_inference(base, [adapter_path], dtype="float32", device="cpu",
                                          quantization=quantization)
     merged = peft.merge_and_unload()
-    arch_for_model_type(merged.config.model_type)  # refuse other families before any work
+    arch_for_model_type(merged.config.model_type, merged=True)  # refuse other families before any work
     notes: tuple[str, ...] = ()
     text = None
     if mf is not None:

@@ -20,24 +20,38 @@ class GGUFArch:
 
     name: str  # general.architecture, e.g. "llama"
     member: str  # gguf.MODEL_ARCH member name, e.g. "LLAMA"
-    model_type: str  # transformers config.model_type
-    rope_permuted: bool  # attn_q/attn_k rows stored in llama.cpp's rotary order
+    model_type: str  # transformers config.model_type a file of this architecture is read as
+    rope_permuted: bool  # attn_q/attn_k rows stored in llama.cpp's rotary order (LlamaModel.permute)
+    merged: bool = False  # `export.gguf_model` writes whole models of it (its hyperparameter keys are known)
+    norm_offset: float = 0.0  # added to every RMSNorm weight in the file: llama.cpp scales by w, Gemma by 1 + w
+    aliases: tuple[str, ...] = ()  # other model_types llama.cpp's converter writes as this architecture
 
 
-# Families whose llama.cpp converter lorakit has checked (keyed by general.architecture).
-GGUF_ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch("llama", "LLAMA", "llama", rope_permuted=True),
-    "qwen2": GGUFArch("qwen2", "QWEN2", "qwen2", rope_permuted=False),
-}
+# Families whose llama.cpp converter (convert_hf_to_gguf.py) lorakit has checked, keyed by
+# general.architecture. GGUF adapters can be written for all of them; merged models where `merged`.
+# Gemma's norm_offset: the converter's Gemma, Gemma2 and Gemma3 classes add 1 to each "*norm.weight".
+GGUF_ARCHS: dict[str, GGUFArch] = {a.name: a for a in (
+    GGUFArch("llama", "LLAMA", "llama", rope_permuted=True, merged=True, aliases=("mistral",)),
+    GGUFArch("qwen2", "QWEN2", "qwen2", rope_permuted=False, merged=True),
+    GGUFArch("qwen3", "QWEN3", "qwen3", rope_permuted=False),
+    GGUFArch("gemma", "GEMMA", "gemma", rope_permuted=False, merged=True, norm_offset=1.0),
+    GGUFArch("gemma2", "GEMMA2", "gemma2", rope_permuted=False, merged=True, norm_offset=1.0),
+    GGUFArch("gemma3", "GEMMA3", "gemma3_text", rope_permuted=False, merged=True, norm_offset=1.0),
+    GGUFArch("phi3", "PHI3", "phi3", rope_permuted=False),
+    GGUFArch("gpt2", "GPT2", "gpt2", rope_permuted=False),
+)}
 
 
-def arch_for_model_type(model_type: str) -> GGUFArch:
-    """The GGUF architecture a transformers `model_type` is written as; one-line error otherwise."""
-    for arch in GGUF_ARCHS.values():
-        if arch.model_type == model_type:
+def arch_for_model_type(model_type: str | None, *, merged: bool = False) -> GGUFArch:
+    """The GGUF architecture a transformers `model_type` is written as (with `merged`: only those
+    `export.gguf_model` writes whole); a one-line ValueError naming the known families otherwise."""
+    archs = [a for a in GGUF_ARCHS.values() if a.merged or not merged]
+    for arch in archs:
+        if model_type == arch.model_type or model_type in arch.aliases:
             return arch
-    known = ", ".join(a.model_type for a in GGUF_ARCHS.values())
-    raise ValueError(f"GGUF export supports the model families {known}, not {model_type!r}")
+    known = ", ".join(sorted(t for a in archs for t in (a.model_type, *a.aliases)))
+    what = "a merged GGUF model" if merged else "GGUF"
+    raise ValueError(f"{what} export supports the model families {known}, not {model_type!r}")
 
 
 def gguf_names(hf_names: Iterable[str], arch: str, n_blocks: int) -> dict[str, str]:
