@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 # Only families whose packed load lorakit has checked; others load through the dense conversion.
-PACKED_ARCHS: dict[str, GGUFArch] = {name: GGUF_ARCHS[name] for name in ("llama",)}
+PACKED_ARCHS: dict[str, GGUFArch] = {name: GGUF_ARCHS[name] for name in ("llama", "qwen2")}
 
 
 def _raw(tensor) -> Tensor:
