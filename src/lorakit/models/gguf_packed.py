@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 PACKED_ARCHS: dict[str, GGUFArch] = {name: GGUF_ARCHS[name] for name in ("llama", "qwen2")}
 
 
+def packable(path: str | Path) -> bool:
+    """True when `path`'s `general.architecture` is one a packed load reads (reads the header only)."""
+    require_gguf()
+    import gguf
+
+    return _field(gguf.GGUFReader(Path(path), "r"), "general.architecture") in PACKED_ARCHS
+
+
 def _raw(tensor) -> Tensor:
     """A gguf ReaderTensor's bytes as a flat uint8 tensor over the reader's memory map (no copy)."""
     data = np.asarray(tensor.data)
