@@ -14,6 +14,11 @@ dense one's: the issue's rule makes packed the default when it is at most 1.10.
 
     python benchmarks/packed_speed.py                         # 3 rounds, 2 warm-up + 5 timed steps
     python benchmarks/packed_speed.py --rounds 1 --warmup 1 --steps 2   # a quick look
+    python benchmarks/packed_speed.py --threads 1   # torch on one thread in both contenders
+
+On a machine whose cores are busy with other work, every parallel operation waits at the thread
+pool's barrier for a descheduled thread (a time slice each), which swamps the work itself; with
+`--threads 1` there are no barriers and the CPU seconds a step are the work it does.
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _run(name: str, adapter_dir: str, steps: int, warmup: int, model: str) -> dict:
+def _run(name: str, adapter_dir: str, steps: int, warmup: int, model: str, threads: int | None = None) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from lorakit.models import load_model
     from lorakit.models.gguf_packed import storage_bytes
 
@@ -123,12 +130,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=ts.WARMUP, help="untimed steps first (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians (default %(default)s)")
     parser.add_argument("--model", default=ts.MODEL, help="a .gguf file or built-in model (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each contender (default: torch's)")
     parser.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)  # internal: one, as JSON
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.contender:
-        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps, args.warmup, args.model)))
+        print(json.dumps(_run(args.contender, args.adapter_dir, args.steps, args.warmup, args.model, args.threads)))
         return 0
 
     runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
@@ -140,7 +148,8 @@ def main() -> int:
                 print(f"round {round_ + 1}/{args.rounds}: {name} …", file=sys.stderr, flush=True)
                 out = subprocess.run(
                     [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps),
-                     "--warmup", str(args.warmup), "--model", args.model],
+                     "--warmup", str(args.warmup), "--model", args.model,
+                     *(["--threads", str(args.threads)] if args.threads else [])],
                     capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
                 if out.returncode != 0:
                     print(out.stderr, file=sys.stderr)

@@ -36,8 +36,14 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
 
 
-def test_auto_packs_what_the_packed_loader_reads(tiny_gguf, tiny_model):
-    assert TrainConfig(data="d", model=str(tiny_gguf)).packed_base()  # auto
+@pytest.mark.parametrize("by_default", [True, False])
+def test_auto_packs_what_the_packed_loader_reads_when_packed_is_the_default(tiny_gguf, tiny_model, monkeypatch,
+                                                                           by_default):
+    from lorakit.models import load
+
+    monkeypatch.setattr(load, "PACKED_BY_DEFAULT", by_default)
+    assert TrainConfig(data="d", model=str(tiny_gguf)).packed_base() == by_default  # auto
+    assert TrainConfig(data="d", model=str(tiny_gguf), gguf_base="packed").packed_base()
     assert not TrainConfig(data="d", model=str(tiny_gguf), gguf_base="dense").packed_base()
     assert not TrainConfig(data="d", model=str(tiny_model)).packed_base()  # no GGUF: auto is dense
     assert not TrainConfig(data="d", model=str(tiny_gguf), quantize="nf4").packed_base()  # QLoRA on the conversion
@@ -55,9 +61,12 @@ def test_bad_combinations_are_one_line_errors(items, message):
     assert "\n" not in str(err.value)
 
 
-def test_packed_refuses_an_architecture_it_does_not_read(tmp_path):
+def test_packed_refuses_an_architecture_it_does_not_read(tmp_path, monkeypatch):
     import gguf
 
+    from lorakit.models import load
+
+    monkeypatch.setattr(load, "PACKED_BY_DEFAULT", True)  # auto still takes the dense conversion for it
     path = tmp_path / "other.gguf"
     writer = gguf.GGUFWriter(str(path), "mamba")
     writer.add_tensor("token_embd.weight", torch.zeros(4, 32).numpy())

@@ -103,9 +103,10 @@ def packed_gguf_path(name_or_path: str) -> Path:
 # How a GGUF model (a .gguf file or a built-in one) becomes the frozen base a run trains on:
 # "packed" keeps the decoder's linear weights in the file's blocks (`models.gguf_packed`), "dense"
 # converts them to dense tensors once (the cached conversion); "auto" is packed wherever the packed
-# loader reads the file's architecture. Measured on the embedded SmolLM2-135M Q4_1 (docs/gguf.md,
-# benchmarks/packed_speed.py): a packed training step within 10 % of the dense one for a third of
-# the weights' memory, so packed is auto's choice.
+# loader reads the file's architecture when PACKED_BY_DEFAULT, else dense. The issue's rule: packed
+# is the default if its training step is within 10 % of the dense one (benchmarks/packed_speed.py;
+# the figures and the decision are in docs/gguf.md, "Training on the GGUF blocks").
+PACKED_BY_DEFAULT = True
 GGUF_BASES = ("auto", "packed", "dense")
 
 
@@ -121,7 +122,7 @@ def packs_gguf(name_or_path: str, gguf_base: str = "auto") -> bool:
     raises a ValueError naming it; "auto" then takes the dense conversion."""
     if gguf_base not in GGUF_BASES:
         raise ValueError(f"gguf_base must be one of {', '.join(GGUF_BASES)}, not {gguf_base!r}")
-    if gguf_base == "dense" or (gguf_base == "auto" and not is_gguf_model(name_or_path)):
+    if gguf_base == "dense" or (gguf_base == "auto" and not (PACKED_BY_DEFAULT and is_gguf_model(name_or_path))):
         return False
     from .gguf_packed import PACKED_ARCHS, packable
 
