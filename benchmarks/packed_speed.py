@@ -8,8 +8,8 @@ helpers: r=16, alpha=32, all seven projections, batch 4 x 256, AdamW, lorakit's 
 each contender in its own fresh process, rounds alternating, medians reported.
 
 Figures: step time, CPU seconds a step (process time, all threads: steadier on a shared machine),
-peak RSS of the process, and the load's resident memory (RSS after the load minus before it, and
-the bytes the model's tensors hold). `packed_step_vs_dense` is the packed step's median over the
+peak RSS of the process, and the load's resident memory (RSS after the load and one short forward,
+which reads every weight, minus RSS before the load; and the bytes the model's tensors hold). `packed_step_vs_dense` is the packed step's median over the
 dense one's: the issue's rule makes packed the default when it is at most 1.10.
 
     python benchmarks/packed_speed.py                         # 3 rounds, 2 warm-up + 5 timed steps
@@ -75,6 +75,8 @@ def _run(name: str, adapter_dir: str, steps: int, warmup: int, model: str, threa
     start = time.perf_counter()
     base = load_model(model, dtype="float32", device="cpu", packed=name == "packed")[0]
     load_s = time.perf_counter() - start
+    with torch.no_grad():  # every weight read once: a lazily mapped checkpoint's pages count too
+        base(torch.tensor([[1, 2, 3, 4]]))
     load_rss = _rss_bytes() - before
     weights = storage_bytes(base)
     base.train()
