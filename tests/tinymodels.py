@@ -78,14 +78,16 @@ CHATML = (
 )
 
 
-def save_tiny_model(out: Path, tie_word_embeddings: bool = False) -> Path:
-    """One token per byte plus <|im_start|> and <|im_end|> (eos, also the pad, as in SmolLM2)."""
+def save_tiny_model(out: Path, tie_word_embeddings: bool = False, merges: tuple[tuple[str, str], ...] = ()) -> Path:
+    """One token per byte plus <|im_start|> and <|im_end|> (eos, also the pad, as in SmolLM2);
+    `merges` add BPE merges (a GGUF's tokenizer needs at least one)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet + ["".join(m) for m in merges])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(

@@ -60,6 +60,23 @@ def test_products_are_those_of_the_dequantized_weight(qtype, bias):
     assert (base.fast, base.transposed, base.frozen, base.compute_dtype()) == (True, False, True, torch.float32)
 
 
+def test_a_16_bit_compute_dtype_rounds_the_weight_and_multiplies_where_the_device_is_fast(monkeypatch):
+    from lorakit.bases import compute
+
+    layer = _layer(compute_dtype=torch.bfloat16)
+    rounded = _weight(layer).to(torch.bfloat16)
+    x = torch.randn(4, 256)
+    for native, work in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(compute, "_cpu_has", lambda flags, native=native: native)
+        base = bases.frozen_base(layer)
+        assert layer.work_dtype() == base.compute_dtype() == work and base.dtype == torch.bfloat16
+        assert torch.equal(layer.dense(), rounded.to(work))
+        assert torch.equal(base.dense(), rounded)
+        y = layer(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, (x.to(work) @ rounded.to(work).T + layer.bias.to(work)).float())
+
+
 def test_a_block_of_rows_at_a_time(monkeypatch):
     """With a small budget each product expands at most `rows_per_chunk` rows per call, and the
     sum equals the whole weight's product."""

@@ -140,3 +140,31 @@ def test_demo_with_quantize_nf4_trains_on_a_4bit_base_and_reports_its_memory(tin
 def test_demo_quantize_flag_refuses_other_values(capsys):
     assert cli.main(["demo", "--quantize", "int8"]) == 2
     assert "--quantize" in capsys.readouterr().err
+
+
+def test_demo_on_a_packed_gguf_base_reports_the_memory_it_saves(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    from tinymodels import save_tiny_model
+
+    from lorakit.demo.memory import base_memory
+    from lorakit.export.gguf_model import write_gguf_model
+    from lorakit.models import load_model
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    source = save_tiny_model(tmp_path / "tiny", merges=(("Ġ", "w"),))
+    model, tokenizer = load_model(str(source), dtype="float32", device="cpu")
+    path = tmp_path / "tiny-q8_0.gguf"
+    write_gguf_model(model, tokenizer, path, "q8_0")
+
+    data = tiny_task(tmp_path / "data")
+    out = tmp_path / "runs" / "demo"
+    assert cli.main(["demo", "--data-dir", str(data), "--output-dir", str(out), "--model", str(path),
+                     "--max-steps", "2", "--gguf-base", "packed"]) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuning with LoRA (packed GGUF base, r=16, 2 steps of 8)" in printed
+    assert "gguf_base: packed" in (out / "config.yaml").read_text()
+    packed = base_memory(load_model(str(path), packed=True)[0])
+    dense = base_memory(load_model(str(path))[0])
+    assert packed.elements == dense.elements and packed.bytes < dense.bytes
+    assert packed.kind == "GGUF Q8_0 blocks in its"
+    assert f"base weights in memory: {packed.line()}" in printed and f"memory saved: {packed.saved_line()}" in printed

@@ -29,19 +29,24 @@ def converter_permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama(path: Path, qtype: Q, tied: bool, seed: int = 0):
-    """Write a random 2-layer Llama to `path`; return the reference model built from what the
-    file holds, de-quantized, with rows in the model's order."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def write_tiny_llama(path: Path, qtype: Q, tied: bool, seed: int = 0, family: str = "llama"):
+    """Write a random 2-layer Llama (or Qwen2: q/k/v biases, rows not permuted) to `path`; return
+    the reference model built from what the file holds, de-quantized, with rows in the model's order."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied)
-    model = LlamaForCausalLM(config).eval()
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = config_cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
+                        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # biases that are not zero: their rows' order shows
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn_like(param) * 0.1)
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.upper()], config.num_hidden_layers)
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), family)
     w.add_block_count(2)
     w.add_context_length(64)
     w.add_embedding_length(64)
@@ -73,7 +78,7 @@ def write_tiny_llama(path: Path, qtype: Q, tied: bool, seed: int = 0):
         kind = qtype if gguf_name.startswith("blk.") else Q.Q8_0  # embeddings and head in Q8_0
         quantized = gguf.quants.quantize(value, kind)
         reference[name] = torch.from_numpy(gguf.quants.dequantize(quantized, kind).copy())
-        if ".attn_q." in gguf_name or ".attn_k." in gguf_name:
+        if family == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
             # rows are whole blocks: permuting then quantizing is quantizing then permuting
             quantized = converter_permute(quantized, HEADS if ".attn_q." in gguf_name else KV_HEADS)
         w.add_tensor(gguf_name, quantized, raw_dtype=kind)
@@ -88,11 +93,12 @@ def write_tiny_llama(path: Path, qtype: Q, tied: bool, seed: int = 0):
     return model
 
 
-@pytest.fixture(params=[(Q.Q8_0, False), (Q.Q4_0, True)], ids=["q8_0-untied", "q4_0-tied"])
+@pytest.fixture(params=[(Q.Q8_0, False, "llama"), (Q.Q4_0, True, "llama"), (Q.Q4_1, True, "qwen2")],
+                ids=["q8_0-untied", "q4_0-tied", "qwen2-q4_1-tied"])
 def tiny(request, tmp_path: Path):
-    qtype, tied = request.param
-    path = tmp_path / f"tiny-{qtype.name}.gguf"
-    return path, write_tiny_llama(path, qtype, tied), qtype
+    qtype, tied, family = request.param
+    path = tmp_path / f"tiny-{family}-{qtype.name}.gguf"
+    return path, write_tiny_llama(path, qtype, tied, family=family), qtype
 
 
 def test_unpermute_rows_inverts_the_converter():
@@ -118,6 +124,20 @@ def test_packed_logits_equal_the_dequantized_dense_model(tiny):
     ids = torch.tensor([[0, 3, 7, 11, 2, 40, 5, 1]])
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_logits_equal_the_dense_conversions(tiny, tmp_cache):
+    """The other way lorakit reads the file: transformers' de-quantized conversion (load_model)."""
+    from lorakit.models import load_model
+
+    path, _, _ = tiny
+    packed, _ = load_model(str(path), packed=True, device="cpu", dtype="float32")
+    dense, _ = load_model(str(path), device="cpu", dtype="float32")
+    assert not any(isinstance(m, GGUFLinear) for m in dense.modules())
+    ids = torch.tensor([[0, 3, 7, 11, 2, 40, 5, 1]])
+    with torch.no_grad():
+        got, want = packed(ids).logits, dense(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -180,7 +200,7 @@ def test_unknown_architecture_is_refused(tmp_path: Path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="architectures llama, not 'mamba'"):
+    with pytest.raises(ValueError, match="architectures llama, qwen2, not 'mamba'"):
         load_packed_gguf(path)
 
 

@@ -15,8 +15,9 @@ of the `ne` that GGUF files list.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,14 +84,23 @@ def _bf16(blocks: Tensor) -> Tensor:
 
 
 # -- 32-value blocks: scale d (fp16), optional minimum m (fp16), packed q ---------------------
-def _q8_0(blocks: Tensor) -> Tensor:
-    d, qs = _split(blocks, 2, 32)
-    return _as(qs, torch.int8).float() * _f16(d)
+# These are the types most files hold, so each decoder is a handful of whole-layer operations,
+# the float ones in place: the bytes are viewed as fp16 for the scales (every layout here has an
+# even size, so a block's first bytes are aligned fp16 values), the nibbles are split straight
+# into the output's byte layout, and one conversion gives the floats that `mul_`/`add_` finish.
+def _scales(blocks: Tensor, count: int) -> list[Tensor]:
+    """The first `count` fp16 values of every block, (n, 1) float32 each."""
+    halves = _as(blocks, torch.float16)  # (n, nbytes / 2)
+    return [halves[:, i:i + 1].float() for i in range(count)]
 
 
 def _q4(qs: Tensor) -> Tensor:
-    """16 bytes -> 32 4-bit values: value j is byte j's low nibble, value j + 16 its high one."""
-    return _nibbles(qs.unsqueeze(1)).reshape(qs.shape[0], 32)
+    """(n, 16) bytes -> (n, 32) 4-bit values (uint8): value j is byte j's low nibble, value j + 16
+    its high one."""
+    q = torch.empty(qs.shape[0], 2, 16, dtype=torch.uint8, device=qs.device)
+    torch.bitwise_and(qs, 0x0F, out=q[:, 0])
+    torch.bitwise_right_shift(qs, 4, out=q[:, 1])
+    return q.view(qs.shape[0], 32)
 
 
 def _q5(qh: Tensor, qs: Tensor) -> Tensor:
@@ -99,24 +109,29 @@ def _q5(qh: Tensor, qs: Tensor) -> Tensor:
     return _q4(qs) | (high << 4)
 
 
+def _q8_0(blocks: Tensor) -> Tensor:
+    (d,) = _scales(blocks, 1)
+    return blocks[:, 2:].view(torch.int8).float().mul_(d)
+
+
 def _q4_0(blocks: Tensor) -> Tensor:
-    d, qs = _split(blocks, 2, 16)
-    return (_q4(qs).to(torch.int8) - 8).float() * _f16(d)
+    (d,) = _scales(blocks, 1)
+    return _q4(blocks[:, 2:]).view(torch.int8).sub_(8).float().mul_(d)
 
 
 def _q4_1(blocks: Tensor) -> Tensor:
-    d, m, qs = _split(blocks, 2, 2, 16)
-    return _f16(d) * _q4(qs).float() + _f16(m)
+    d, m = _scales(blocks, 2)
+    return _q4(blocks[:, 4:]).float().mul_(d).add_(m)  # d * q, then + m: llama.cpp's order
 
 
 def _q5_0(blocks: Tensor) -> Tensor:
-    d, qh, qs = _split(blocks, 2, 4, 16)
-    return (_q5(qh, qs).to(torch.int8) - 16).float() * _f16(d)
+    (d,) = _scales(blocks, 1)
+    return _q5(blocks[:, 2:6], blocks[:, 6:]).view(torch.int8).sub_(16).float().mul_(d)
 
 
 def _q5_1(blocks: Tensor) -> Tensor:
-    d, m, qh, qs = _split(blocks, 2, 2, 4, 16)
-    return _f16(d) * _q5(qh, qs).float() + _f16(m)
+    d, m = _scales(blocks, 2)
+    return _q5(blocks[:, 4:8], blocks[:, 8:]).float().mul_(d).add_(m)
 
 
 # -- K-quants: 256-value super-blocks of 16 or 8 sub-blocks, each with its own scale ------------
@@ -259,7 +274,29 @@ def dequantize_rows(raw: Tensor, qtype: int, shape: Sequence[int], start: int, s
     if not 0 <= start <= stop <= rows:
         raise ValueError(f"rows [{start}, {stop}) lie outside the {rows} rows of {name or 'a GGUF tensor'}")
     blocks = flat[start * per_row:stop * per_row].reshape(-1, lay.nbytes)  # (n_blocks, nbytes)
-    return lay.decode(blocks).reshape(stop - start, row_len)
+    with serial(blocks.device):
+        return lay.decode(blocks).reshape(stop - start, row_len)
+
+
+@contextlib.contextmanager
+def serial(device: torch.device) -> Iterator[None]:
+    """Run the enclosed CPU operations on this thread alone (torch's thread count is per thread).
+
+    A decoder is a few element-wise passes over one layer, each worth a fraction of a millisecond
+    on one core; run in parallel, each pass ends at a barrier of the thread pool, and on a machine
+    whose cores are busy with other work a barrier waits for a descheduled thread: a time slice,
+    milliseconds, per pass (a 1536 x 576 Q4_1 layer of SmolLM2 took 8-180 ms on 2 busy cores, 3-4 ms on
+    one). The matrix products around it keep every thread.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def dequantize(raw: Tensor, qtype: int, shape: Sequence[int], name: str | None = None) -> Tensor:

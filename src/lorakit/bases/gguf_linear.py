@@ -8,7 +8,9 @@ the model ever exists. Backward recomputes the rows the same way and keeps nothi
 
 Products run in fp32 by default: the de-quantized values are exact in fp32 (`gguf_blocks`), so
 the result is that of llama.cpp's weights with fp32 accumulation. `compute_dtype=torch.bfloat16`
-halves the expanded block's memory and rounds each weight once.
+rounds each weight once and multiplies in bf16 where the device does so natively; on a CPU that
+only emulates 16-bit products the rounded values multiply in fp32 (`bases.compute.product_dtype`,
+as every other base: emulated bf16 products are 6-60x slower there).
 
 The rows are the file's rows: Llama-family GGUF files store attn_q/attn_k rows permuted for
 llama.cpp's rotary layout. This module does not undo that; whoever builds a model from a file
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import gguf_blocks
+from .compute import product_dtype
 from .protocol import MergeRefused
 
 
@@ -52,18 +55,24 @@ class GGUFLinear(nn.Module):
         for start in range(0, self.out_features, self.rows_per_chunk):
             yield start, min(start + self.rows_per_chunk, self.out_features)
 
+    def work_dtype(self) -> torch.dtype:
+        """The dtype the products run in on this device: the compute dtype, or fp32 where the
+        device only emulates it (`bases.compute.product_dtype`)."""
+        return product_dtype(self.compute_dtype, self.blocks.device)
+
     def rows(self, start: int, stop: int) -> Tensor:
-        """W[start:stop] (stop - start, in) in the compute dtype, freshly de-quantized."""
+        """W[start:stop] (stop - start, in) rounded to the compute dtype, in the work dtype, freshly
+        de-quantized."""
         shape = (self.out_features, self.in_features)
         rows = gguf_blocks.dequantize_rows(self.blocks, self.qtype, shape, start, stop, self.name)
-        return rows.to(self.compute_dtype)
+        return rows.to(self.compute_dtype).to(self.work_dtype())
 
     def dense(self) -> Tensor:
-        """The whole W (out, in) in the compute dtype: a new tensor each call."""
+        """The whole W (out, in) in the work dtype: a new tensor each call."""
         return self.rows(0, self.out_features)
 
     def product(self, x: Tensor) -> Tensor:
-        """x W^T for x (tokens, in) in the compute dtype -> (tokens, out), no bias, no autograd."""
+        """x W^T for x (tokens, in) in the work dtype -> (tokens, out), no bias, no autograd."""
         if self.rows_per_chunk >= self.out_features:
             return x @ self.dense().t()
         out = x.new_empty(x.shape[0], self.out_features)
@@ -72,8 +81,8 @@ class GGUFLinear(nn.Module):
         return out
 
     def input_grad(self, grad: Tensor, into: Tensor | None = None) -> Tensor:
-        """grad W for grad (tokens, out) -> (tokens, in) in the compute dtype; added to `into`."""
-        grad = grad.to(self.compute_dtype)
+        """grad W for grad (tokens, out) -> (tokens, in) in the work dtype; added to `into`."""
+        grad = grad.to(self.work_dtype())
         for start, stop in self.chunks():
             g, w = grad[:, start:stop], self.rows(start, stop)  # (tokens, rows), (rows, in)
             into = g @ w if into is None else into.addmm_(g, w)
@@ -81,7 +90,7 @@ class GGUFLinear(nn.Module):
 
     def linear(self, x: Tensor) -> Tensor:
         """x W^T + bias for x (..., in) -> (..., out) in x's dtype; differentiable in x (and bias)."""
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (tokens, in)
+        x2 = x.reshape(-1, self.in_features).to(self.work_dtype())  # (tokens, in)
         if torch.is_grad_enabled() and x2.requires_grad:
             out = _Product.apply(x2, self)
         else:
@@ -136,7 +145,7 @@ class GGUFBase:
         return self.module.blocks.device
 
     def compute_dtype(self) -> torch.dtype:
-        return self.module.compute_dtype
+        return self.module.work_dtype()
 
     def linear(self, x: Tensor) -> Tensor:
         return self.module.linear(x)
@@ -145,8 +154,7 @@ class GGUFBase:
         return self.module.input_grad(grad, into)
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
-        weight = self.module.dense()
-        return weight if dtype is None else weight.to(dtype)
+        return self.module.dense().to(dtype or self.dtype)
 
     def assign(self, weight: Tensor) -> None:
         raise MergeRefused(

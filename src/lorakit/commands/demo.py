@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["nf4", "fp4", "none"], default="none",
                         help="QLoRA: store the base's linear layers in 4 bits (nf4 or fp4) before scoring and "
                              "fine-tuning, and report the memory its weights take (default: none)")
+    parser.add_argument("--gguf-base", choices=["auto", "packed", "dense"], default="auto",
+                        help="train on the GGUF file's own quantized blocks (packed) or its fp32 conversion "
+                             "(dense); auto: packed for the built-in model (docs/gguf.md; default: auto)")
     parser.add_argument("--examples", type=int, default=3, metavar="N",
                         help="before/after answers to show (default: 3)")
 
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_demo(data_dir=args.data_dir, output_dir=args.output_dir, model=args.model,
                       max_steps=args.max_steps, frozen_matmul_precision=args.frozen_matmul_precision,
-                      quantize=args.quantize,
+                      quantize=args.quantize, gguf_base=args.gguf_base,
                       log=lambda line: print(line, flush=True))
     print(format_report(result, args.examples))
     return 0

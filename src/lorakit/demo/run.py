@@ -113,12 +113,15 @@ def run_demo(
     max_steps: int | None = None,
     frozen_matmul_precision: str = "highest",
     quantize: str = "none",
+    gguf_base: str = "auto",
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Evaluate, fine-tune, evaluate again; the adapter is left in `output_dir` (replaced each run).
 
     `model` and `max_steps` default to the recipe's. `quantize` ("nf4", "fp4"): QLoRA, every score
-    and the fine-tune on the base stored in 4 bits.
+    and the fine-tune on the base stored in 4 bits. `gguf_base` is the recipe key: with the packed
+    base (auto's choice for the built-in model) the scores and the fine-tune use the GGUF file's own
+    blocks, and the report gives the memory that saves.
     """
     from ..lora.peft_model import PeftModel
     from ..models.inference import load_for_inference, quiet_loading
@@ -129,10 +132,16 @@ def run_demo(
     out = Path(output_dir)
     # a progress bar only where someone watches it; a log file gets plain lines
     config = demo_train_config(data, out, model, max_steps, quiet=not sys.stderr.isatty(),
-                               frozen_matmul_precision=frozen_matmul_precision, quantize=quantize)
-    log(f"loading {config.model} (converted from its GGUF on first use)")
-    base, tokenizer = load_for_inference(config.model, [])
+                               frozen_matmul_precision=frozen_matmul_precision, quantize=quantize,
+                               gguf_base=gguf_base)
+    packed = config.packed_base()
+    log(f"loading {config.model} " + ("(its GGUF blocks kept as the frozen base)" if packed
+                                      else "(converted from its GGUF on first use)"))
+    base, tokenizer = load_for_inference(config.model, [], packed=packed)
     memory = None
+    if packed:  # the trainer loads the same blocks: both scores use the base the adapter trains on
+        memory = base_memory(base)
+        log(f"training on the GGUF file's blocks: {memory.saved_line()} ({memory.line()})")
     if config.quantize != "none":
         from ..models.quantize import quantize_model
 
@@ -148,7 +157,8 @@ def run_demo(
     eval_seconds = time.perf_counter() - start
     log(f"  held-out accuracy before: {before:.0%} ({eval_seconds:.0f} s)")
 
-    what = "LoRA (" if memory is None else f"QLoRA ({config.quantize.upper()} base, "
+    what = ("LoRA (" if memory is None else "LoRA (packed GGUF base, " if packed
+            else f"QLoRA ({config.quantize.upper()} base, ")
     log(f"fine-tuning with {what}r={config.r}, {config.max_steps} steps of {config.batch_size}) -> {out}")
     start = time.perf_counter()
     with quiet_loading():
@@ -199,7 +209,8 @@ def format_report(result: DemoResult, examples: int = 3) -> str:
         f"fine-tune wall time: {result.train_seconds:.0f} s"
         + (f" ({result.train_info['train_time_s']:.0f} s of training steps)" if result.train_info else "")
         + (f"; evaluation: {result.eval_seconds:.0f} s" if result.eval_seconds else ""),
-        *([f"base weights in memory: {result.memory.line()}"] if result.memory else []),
+        *([f"base weights in memory: {result.memory.line()}", f"memory saved: {result.memory.saved_line()}"]
+          if result.memory else []),
         "",
     ]
     for i in pick_examples(result, examples):
@@ -236,7 +247,7 @@ def _clip(text: str, width: int = 100) -> str:
 # -- the trainer's side ----------------------------------------------------------------------
 def demo_train_config(
     data_dir: Path, output_dir: Path, model: str | None = None, max_steps: int | None = None,
-    quiet: bool = False, frozen_matmul_precision: str = "highest", quantize: str = "none",
+    quiet: bool = False, frozen_matmul_precision: str = "highest", quantize: str = "none", gguf_base: str = "auto",
 ) -> Any:
     """The recipe in `data_dir` as a TrainConfig on the train.jsonl beside it (None: the recipe's value).
 
@@ -247,7 +258,7 @@ def demo_train_config(
     config = load_train_config(
         Path(data_dir) / RECIPE, data=str(Path(data_dir) / "train.jsonl"), output_dir=str(output_dir),
         overwrite=True, quiet=quiet, frozen_matmul_precision=frozen_matmul_precision, model=model,
-        max_steps=max_steps, quantize=quantize,
+        max_steps=max_steps, quantize=quantize, gguf_base=gguf_base,
     )
     if config.max_steps is not None and config.warmup_steps > config.max_steps:
         config = dataclasses.replace(config, warmup_steps=config.max_steps)

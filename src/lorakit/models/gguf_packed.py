@@ -33,7 +33,15 @@ if TYPE_CHECKING:
 
 
 # Only families whose packed load lorakit has checked; others load through the dense conversion.
-PACKED_ARCHS: dict[str, GGUFArch] = {name: GGUF_ARCHS[name] for name in ("llama",)}
+PACKED_ARCHS: dict[str, GGUFArch] = {name: GGUF_ARCHS[name] for name in ("llama", "qwen2")}
+
+
+def packable(path: str | Path) -> bool:
+    """True when `path`'s `general.architecture` is one a packed load reads (reads the header only)."""
+    require_gguf()
+    import gguf
+
+    return _field(gguf.GGUFReader(Path(path), "r"), "general.architecture") in PACKED_ARCHS
 
 
 def _raw(tensor) -> Tensor:

@@ -35,13 +35,15 @@ def load_for_inference(
     dtype: str | None = None,
     device: str | None = None,
     quantization: QuantConfig | str | None = None,
+    packed: bool = False,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The base model with each adapter loaded under its own name, plus the tokenizer.
 
     Without `model_name`, the first adapter's `base_model_name_or_path` is used when it is
     available here, else the built-in default. With no adapters the plain model comes back;
     with adapters a PeftModel whose adapter names are `adapter_names_for(adapters)`.
-    `quantization` is load_model's (the base quantized to 4 bits before the adapters go on).
+    `quantization` is load_model's (the base quantized to 4 bits before the adapters go on), and
+    so is `packed` (a GGUF model's linear layers kept in the file's blocks).
     """
     from ..lora.peft_model import PeftModel
 
@@ -51,7 +53,7 @@ def load_for_inference(
     if model_name is None:
         model_name = base_model_of(adapters[0]) if adapters else DEFAULT_MODEL
     with quiet_loading():
-        model, tokenizer = load_model(model_name, dtype=dtype, device=device, quantization=quantization)
+        model, tokenizer = load_model(model_name, dtype=dtype, device=device, quantization=quantization, packed=packed)
     if not adapters:
         return model, tokenizer
     names = adapter_names_for(adapters)

@@ -100,6 +100,41 @@ def packed_gguf_path(name_or_path: str) -> Path:
     return path
 
 
+# How a GGUF model (a .gguf file or a built-in one) becomes the frozen base a run trains on:
+# "packed" keeps the decoder's linear weights in the file's blocks (`models.gguf_packed`), "dense"
+# converts them to dense tensors once (the cached conversion); "auto" is packed wherever the packed
+# loader reads the file's architecture when PACKED_BY_DEFAULT, else dense. The issue's rule: packed
+# is the default if its training step is within 10 % of the dense one (benchmarks/packed_speed.py;
+# the figures and the decision are in docs/gguf.md, "Training on the GGUF blocks").
+PACKED_BY_DEFAULT = True
+GGUF_BASES = ("auto", "packed", "dense")
+
+
+def is_gguf_model(name_or_path: str) -> bool:
+    """True for a built-in model or a ``.gguf`` path: the models `gguf_base` applies to."""
+    return name_or_path.lower() in BUILTIN_MODELS or Path(name_or_path).suffix.lower() == ".gguf"
+
+
+def packs_gguf(name_or_path: str, gguf_base: str = "auto") -> bool:
+    """Whether a run with `gguf_base` (one of GGUF_BASES) loads `name_or_path` packed.
+
+    "packed" on a model that is no GGUF, or whose architecture the packed loader does not read,
+    raises a ValueError naming it; "auto" then takes the dense conversion."""
+    if gguf_base not in GGUF_BASES:
+        raise ValueError(f"gguf_base must be one of {', '.join(GGUF_BASES)}, not {gguf_base!r}")
+    if gguf_base == "dense" or (gguf_base == "auto" and not (PACKED_BY_DEFAULT and is_gguf_model(name_or_path))):
+        return False
+    from .gguf_packed import PACKED_ARCHS, packable
+
+    path = packed_gguf_path(name_or_path)  # refuses what is no GGUF
+    if packable(path):
+        return True
+    if gguf_base == "packed":
+        raise ValueError(f"gguf_base packed: {path.name}'s architecture is none the packed loader reads "
+                         f"({', '.join(PACKED_ARCHS)}); use gguf_base dense")
+    return False
+
+
 def load_model(
     name_or_path: str, *, dtype: DType = None, device: Device = None,
     quantization: QuantConfig | str | None = None, packed: bool = False,

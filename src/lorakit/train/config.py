@@ -83,6 +83,11 @@ class TrainConfig(LoraOptions):
     # -- method -----------------------------------------------------------------------------
     method: Literal["lora", "full"] = _opt("lora", "lora trains an adapter (options in LoraConfig's "
                                            "names: r, lora_alpha, ...); full trains every weight")
+    gguf_base: Literal["auto", "packed", "dense"] = _opt(
+        "auto", "for a .gguf or built-in model: packed trains on the file's own quantized blocks (the "
+        "frozen base de-quantized inside each product: a Q4 model's weights in about a sixth of fp32's "
+        "memory), dense on its cached fp32/dtype conversion; auto = packed where the file's architecture "
+        "allows it (llama, qwen2) and quantize is none, else dense (docs/gguf.md)")
     # -- a 4-bit base (QLoRA) -------------------------------------------------------------
     quantize: Literal["nf4", "fp4", "none"] = _opt(
         "none", "store the base's linear layers in 4 bits while training (QLoRA): nf4 or fp4, none keeps "
@@ -180,6 +185,7 @@ class TrainConfig(LoraOptions):
             raise ConfigError("frozen_matmul_precision: method full has no frozen weights; leave it at highest")
         _check_reporting(self)
         self._check_quantization()
+        self._check_gguf_base()
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -191,6 +197,32 @@ class TrainConfig(LoraOptions):
     def serve_targets(self) -> list[str]:
         return [] if self.serve_target is None else (
             [self.serve_target] if isinstance(self.serve_target, str) else list(self.serve_target))
+
+    def _check_gguf_base(self) -> None:
+        if self.gguf_base != "packed":
+            return
+        from lorakit.models.load import is_gguf_model
+
+        if not is_gguf_model(self.model):
+            raise ConfigError(f"gguf_base: packed reads a .gguf file or a built-in model, not {self.model!r}; "
+                              "leave gguf_base at auto")
+        if self.quantize != "none":
+            raise ConfigError(f"gguf_base: packed keeps the file's own quantized blocks; quantize {self.quantize} "
+                              "applies to the dense conversion (gguf_base: dense)")
+        if self.method == "full":
+            raise ConfigError("gguf_base: packed is a frozen base, and method full trains every weight; "
+                              "use gguf_base: dense")
+
+    def packed_base(self) -> bool:
+        """Whether the run trains on the GGUF file's blocks (`gguf_base`, resolved for `model`)."""
+        if self.quantize != "none" or self.method == "full":
+            return False
+        from lorakit.models.load import packs_gguf
+
+        try:
+            return packs_gguf(self.model, self.gguf_base)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"gguf_base: {err}") from None
 
     def _check_quantization(self) -> None:
         if self.quantize == "none":

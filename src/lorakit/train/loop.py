@@ -99,6 +99,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, started: flo
     dtype = pick_dtype(config.dtype, device)
     # FSDP: the whole base goes to the CPU first, so that only each rank's shards reach the device
     base, tokenizer = load_model(config.model, dtype=dtype, quantization=config.quant_config(),
+                                 packed=config.packed_base(),
                                  device=torch.device("cpu") if world.strategy == "fsdp" else device)
     data = setup.tokenize(config, tokenizer, train_records, eval_records)
     model = setup.prepare_model(base, config)

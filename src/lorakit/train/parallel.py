@@ -60,16 +60,17 @@ def wrap(model: nn.Module, loss_fn: LossFn, world: World, device: torch.device) 
 
 
 def check_fsdp_base(model: nn.Module) -> None:
-    """ValueError, before anything is wrapped or moved, when the base holds 4-bit layers: their
-    packed codes are buffers, which fully_shard does not shard (every rank would hold the whole
-    4-bit base, and this combination is untested). DDP runs them: only the adapter's gradients
+    """ValueError, before anything is wrapped or moved, when the base holds 4-bit or GGUF layers:
+    their packed weights are buffers, which fully_shard does not shard (every rank would hold the
+    whole base, and this combination is untested). DDP runs them: only the adapter's gradients
     travel."""
-    from lorakit.bases.linear4bit import Linear4bit
+    from lorakit.bases.registry import weight_in_buffers
 
-    name = next((n for n, m in model.named_modules() if isinstance(m, Linear4bit)), None)
-    if name is not None:
-        raise ValueError(f"distributed: fsdp: FSDP cannot shard lorakit's 4-bit base ({name} is a Linear4bit whose "
-                         "packed weights are buffers); use distributed: ddp")
+    found = next(((n, m) for n, m in model.named_modules() if weight_in_buffers(m) is not None), None)
+    if found is not None:
+        name, module = found
+        raise ValueError(f"distributed: fsdp: FSDP cannot shard lorakit's {weight_in_buffers(module)} base ({name} is "
+                         f"a {type(module).__name__} whose packed weights are buffers); use distributed: ddp")
 
 
 def _ddp(unit: LossModule, device: torch.device) -> nn.Module:

@@ -144,12 +144,11 @@ def build_optimizer(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameters; a 4-bit layer's weight counts as its elements (it is a buffer)."""
-    from lorakit.bases.linear4bit import Linear4bit
+    """(trainable, all) parameters; a 4-bit or GGUF layer's weight counts as its elements (it is buffers)."""
+    from lorakit.bases.registry import buffer_weight_elements
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
-    return trainable, sum(p.numel() for p in model.parameters()) + packed
+    return trainable, sum(p.numel() for p in model.parameters()) + buffer_weight_elements(model)
 
 
 # -- resuming ---------------------------------------------------------------------------------
