@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import gguf_blocks
 from .compute import product_dtype
+from .frozen_product import frozen_linear
 from .protocol import MergeRefused
 
 
@@ -80,6 +81,11 @@ class GGUFLinear(nn.Module):
             out[:, start:stop] = x @ self.rows(start, stop).t()
         return out
 
+    def forward_product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """`product` with a bias added (frozen_product's hook)."""
+        out = self.product(x)
+        return out if bias is None else out.add_(bias)
+
     def input_grad(self, grad: Tensor, into: Tensor | None = None) -> Tensor:
         """grad W for grad (tokens, out) -> (tokens, in) in the work dtype; added to `into`."""
         grad = grad.to(self.work_dtype())
@@ -91,10 +97,7 @@ class GGUFLinear(nn.Module):
     def linear(self, x: Tensor) -> Tensor:
         """x W^T + bias for x (..., in) -> (..., out) in x's dtype; differentiable in x (and bias)."""
         x2 = x.reshape(-1, self.in_features).to(self.work_dtype())  # (tokens, in)
-        if torch.is_grad_enabled() and x2.requires_grad:
-            out = _Product.apply(x2, self)
-        else:
-            out = self.product(x2)
+        out = frozen_linear(self, x2, None)  # under autograd: saves nothing, W expanded again in backward
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -104,19 +107,6 @@ class GGUFLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.kind}, "
                 f"bias={self.bias is not None}")
-
-
-class _Product(torch.autograd.Function):
-    """x W^T with the frozen W re-expanded in backward: saves nothing, not even x."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: GGUFLinear) -> Tensor:
-        ctx.layer = layer
-        return layer.product(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return ctx.layer.input_grad(grad).to(grad.dtype), None
 
 
 class GGUFBase:

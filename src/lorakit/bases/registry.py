@@ -53,18 +53,13 @@ def frozen_base(module: nn.Module) -> FrozenBase | None:
 
 
 # Linear kinds whose frozen weight is buffers (4-bit codes, GGUF blocks), not a weight parameter:
-# they count as their in * out elements, and FSDP (which shards parameters) cannot shard them.
+# FSDP (which shards parameters) cannot shard them.
 _WEIGHT_IN_BUFFERS = {Linear4bit: "4-bit", GGUFLinear: "GGUF"}
 
 
 def weight_in_buffers(module: nn.Module) -> str | None:
     """What kind of base `module` is ("4-bit", "GGUF") when its weight is buffers, else None."""
     return next((label for kind, label in _WEIGHT_IN_BUFFERS.items() if isinstance(module, kind)), None)
-
-
-def buffer_weight_elements(model: nn.Module) -> int:
-    """The weight elements `model` holds as buffers (each such layer's in * out)."""
-    return sum(m.in_features * m.out_features for m in model.modules() if weight_in_buffers(m) is not None)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -83,6 +78,11 @@ def uncounted_weight_numel(module: nn.Module) -> int:
     weight = module._parameters.get("weight")
     counted = weight.numel() if weight is not None else 0
     return max(0, module.in_features * module.out_features - counted)
+
+
+def uncounted_weight_elements(model: nn.Module) -> int:
+    """What `model.parameters()` leaves out of its packed layers' weights (`uncounted_weight_numel`)."""
+    return sum(uncounted_weight_numel(m) for m in model.modules())
 
 
 def is_embedding(module: nn.Module) -> bool:

@@ -2,7 +2,7 @@
 
 A 4-bit layer (lorakit's Linear4bit) or a packed GGUF layer (GGUFLinear) holds its weight as
 buffers: packed codes and scales, or the file's blocks; it counts as its `in_features *
-out_features` elements when sized dense (`bases.registry.buffer_weight_elements`). Tensors shared between
+out_features` elements when sized dense (`bases.registry.uncounted_weight_elements`). Tensors shared between
 modules (tied embeddings) count once.
 """
 
@@ -37,11 +37,11 @@ class BaseMemory:
 def base_memory(model: nn.Module, before: BaseMemory | None = None) -> BaseMemory:
     """The weights of `model` now; `before`: the same model measured before it was quantized."""
     from ..bases.gguf_linear import GGUFLinear
-    from ..bases.registry import buffer_weight_elements
+    from ..bases.registry import uncounted_weight_elements
 
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     stored = sum(t.nbytes for t in tensors.values())
-    elements = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) + buffer_weight_elements(model)
+    elements = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) + uncounted_weight_elements(model)
     gguf = sorted({m.kind for m in model.modules() if isinstance(m, GGUFLinear)})
     kind = f"GGUF {'/'.join(gguf)} blocks in its" if gguf else "4-bit"
     return BaseMemory(stored, elements, None if before is None else before.bytes, kind)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bases.registry import uncounted_weight_numel
+from ..bases.registry import uncounted_weight_elements
 from ..fast import allocator
 from ..fast.loss import fused_output
 from .config import LoraConfig
@@ -179,7 +179,7 @@ class PeftModel(nn.Module):
             total += p.numel()
             if p.requires_grad:
                 trainable += p.numel()
-        total += sum(uncounted_weight_numel(m) for m in self.modules())  # packed (4-bit, GGUF) weights
+        total += uncounted_weight_elements(self)  # packed weights (4-bit, GGUF) at their logical size
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

@@ -145,10 +145,10 @@ def build_optimizer(
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters; a 4-bit or GGUF layer's weight counts as its elements (it is buffers)."""
-    from lorakit.bases.registry import buffer_weight_elements
+    from lorakit.bases.registry import uncounted_weight_elements
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters()) + buffer_weight_elements(model)
+    return trainable, sum(p.numel() for p in model.parameters()) + uncounted_weight_elements(model)
 
 
 # -- resuming ---------------------------------------------------------------------------------
