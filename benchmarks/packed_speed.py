@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -148,15 +147,9 @@ def main() -> int:
             order = list(CONTENDERS) if round_ % 2 == 0 else list(reversed(CONTENDERS))
             for name in order:
                 print(f"round {round_ + 1}/{args.rounds}: {name} …", file=sys.stderr, flush=True)
-                out = subprocess.run(
-                    [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps),
-                     "--warmup", str(args.warmup), "--model", args.model,
-                     *(["--threads", str(args.threads)] if args.threads else [])],
-                    capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-                if out.returncode != 0:
-                    print(out.stderr, file=sys.stderr)
-                    raise SystemExit(f"contender {name} failed")
-                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[name].append(ts.run_contender(__file__, name, [
+                    "--adapter-dir", tmp, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                    "--model", args.model, *(["--threads", str(args.threads)] if args.threads else [])]))
     results = {name: _median(rs) for name, rs in runs.items()}
     print(table(results))
     print(summary(results))

@@ -438,6 +438,17 @@ def _summary(results: dict[str, dict]) -> str:
     return " ".join(f"{key}={value:{fmt}}" for key, about, value, fmt in figures if results.keys() & set(about))
 
 
+def run_contender(script: str, name: str, argv: list[str]) -> dict:
+    """`script --contender name argv...` in a fresh process (its peak RSS its own): the JSON figures it
+    prints last; its stderr and a SystemExit naming it when it fails."""
+    out = subprocess.run([sys.executable, script, "--contender", name, *argv], capture_output=True, text=True,
+                         env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        raise SystemExit(f"contender {name} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     from lorakit.fast.precision import LEVELS
 
@@ -471,16 +482,10 @@ def main() -> int:
         for round_ in range(args.rounds):
             for name in names:
                 print(f"round {round_ + 1}/{args.rounds}: running {name} …", file=sys.stderr, flush=True)
-                out = subprocess.run(
-                    [sys.executable, __file__, "--contender", name, "--adapter-dir", tmp, "--steps", str(args.steps),
-                     "--warmup", str(args.warmup), "--model", args.model,
-                     "--prompt-share", str(args.prompt_share), "--matmul-precision", args.matmul_precision],
-                    capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-                )
-                if out.returncode != 0:
-                    print(out.stderr, file=sys.stderr)
-                    raise SystemExit(f"contender {name} failed")
-                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[name].append(run_contender(__file__, name, [
+                    "--adapter-dir", tmp, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                    "--model", args.model, "--prompt-share", str(args.prompt_share),
+                    "--matmul-precision", args.matmul_precision]))
     results = {name: _median_run(rs) for name, rs in runs.items()}
     print(_table(results))
     summary = _summary(results)

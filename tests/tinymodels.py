@@ -117,3 +117,16 @@ def write_records(path: Path, n: int, seed: int = 0) -> Path:
                         {"role": "assistant", "content": word[::-1]}]
             fh.write(json.dumps({"messages": messages}) + "\n")
     return path
+
+
+def write_foreign_gguf(path: Path, arch: str = "mamba") -> Path:
+    """A minimal GGUF of an architecture lorakit does not read (one token embedding, no metadata)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -18,6 +18,7 @@ pytest.importorskip("accelerate")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from lorakit.bases.gguf_linear import GGUFLinear  # noqa: E402
+from tinymodels import write_foreign_gguf  # noqa: E402
 from lorakit.models.gguf_packed import load_packed_gguf, storage_bytes, unpermute_rows  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -193,13 +194,7 @@ def test_load_model_packed_refuses_what_is_not_gguf(tiny_model_dir: Path):
 
 
 def test_unknown_architecture_is_refused(tmp_path: Path):
-    path = tmp_path / "other.gguf"
-    w = gguf.GGUFWriter(str(path), "mamba")
-    w.add_tensor("token_embd.weight", torch.zeros(4, 32).numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_foreign_gguf(tmp_path / "other.gguf")
     with pytest.raises(ValueError, match="architectures llama, qwen2, not 'mamba'"):
         load_packed_gguf(path)
 

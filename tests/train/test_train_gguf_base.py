@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tinymodels import save_tiny_model
+from tinymodels import save_tiny_model, write_foreign_gguf
 from train_helpers import losses
 
 from lorakit.bases.gguf_linear import GGUFLinear
@@ -62,18 +62,11 @@ def test_bad_combinations_are_one_line_errors(items, message):
 
 
 def test_packed_refuses_an_architecture_it_does_not_read(tmp_path, monkeypatch):
-    import gguf
-
+    pytest.importorskip("gguf")
     from lorakit.models import load
 
     monkeypatch.setattr(load, "PACKED_BY_DEFAULT", True)  # auto still takes the dense conversion for it
-    path = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(str(path), "mamba")
-    writer.add_tensor("token_embd.weight", torch.zeros(4, 32).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_foreign_gguf(tmp_path / "other.gguf")
     with pytest.raises(ConfigError, match="^gguf_base: gguf_base packed: other.gguf's architecture is none"):
         TrainConfig(data="d", model=str(path), gguf_base="packed").packed_base()
     assert not TrainConfig(data="d", model=str(path)).packed_base()  # auto takes the dense conversion
