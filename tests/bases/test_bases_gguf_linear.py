@@ -1,5 +1,6 @@
 """The packed GGUF base: its products are those of the de-quantized weight, LoRA trains over it,
-and merging is refused with the model left as it was."""
+merging in place is refused with the model left as it was, and merge_and_unload merges onto the
+de-quantized blocks (dense, or quantized again by gguf-py)."""
 
 from __future__ import annotations
 
@@ -129,9 +130,9 @@ def test_unknown_types_and_wrong_sizes_are_refused_when_built():
 
 def test_assign_refuses_in_one_line():
     layer = _layer(name="blk.0.ffn_up.weight")
-    with pytest.raises(bases.MergeRefused, match="blk.0.ffn_up.weight: the base holds Q4_1 GGUF blocks") as err:
+    with pytest.raises(bases.MergeRefused, match="blk.0.ffn_up.weight in place: the base holds Q4_1 GGUF") as err:
         bases.frozen_base(layer).assign(torch.zeros(24, 256))
-    assert "merging writes a new model instead" in str(err.value) and "\n" not in str(err.value)
+    assert "merge_and_unload() returns a model merged" in str(err.value) and "\n" not in str(err.value)
 
 
 def _net() -> nn.Sequential:
@@ -176,3 +177,64 @@ def test_lora_trains_over_packed_bases_and_merging_is_refused(dropout):
     assert all(torch.equal(after[k], v) for k, v in model.state_dict().items())
     assert torch.equal(model(x), out)
     assert not any(layer.merged for _, layer in model.base_model.lora_layers())
+
+
+def _trained_pair(qtype_first=T.Q4_1):
+    """(a LoRA model over packed layers with non-zero B, the same adapters over dense layers holding
+    the de-quantized weights)."""
+    net = nn.Sequential(
+        GGUFLinear(_blocks(qtype_first, 64, 256, seed=1), qtype_first, 64, 256, torch.randn(64), name="blk.0.a"),
+        nn.ReLU(),
+        GGUFLinear(_blocks(T.Q8_0, 32, 64, seed=2), T.Q8_0, 32, 64, name="blk.0.b"),
+        nn.ReLU(),
+        GGUFLinear(_blocks(T.Q5_0, 32, 32, seed=3), T.Q5_0, 32, 32, name="blk.0.c"),  # no adapter
+    )
+    dense = nn.Sequential(*[bases.frozen_base(m).dequantized() if isinstance(m, GGUFLinear) else m for m in net])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False)
+    torch.manual_seed(5)
+    packed_model = get_peft_model(net, config)
+    torch.manual_seed(5)
+    dense_model = get_peft_model(dense, config)
+    return packed_model, dense_model
+
+
+def test_merge_and_unload_merges_onto_the_dequantized_blocks():
+    packed_model, dense_model = _trained_pair()
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = dense_model(x)
+        torch.testing.assert_close(packed_model(x), want, rtol=1e-5, atol=1e-5)
+    merged, reference = packed_model.merge_and_unload(), dense_model.merge_and_unload()
+    assert all(type(m) is not GGUFLinear for m in merged.modules())  # a plain dense model
+    for got, ref in zip(merged, reference):
+        if isinstance(ref, nn.Linear):
+            assert type(got) is nn.Linear and torch.equal(got.weight, ref.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_requantizes_into_the_same_block_types():
+    packed_model, dense_model = _trained_pair()
+    exact = dense_model.merge_and_unload()
+    merged = packed_model.merge_and_unload(requantize=True)
+    report = merged.lorakit_requantize_report
+    assert (report.layers, report.weights) == (2, 64 * 256 + 32 * 64)
+    assert type(merged[4]) is GGUFLinear and merged[4].qtype == T.Q5_0  # no adapter: kept as it was
+    for got, ref in ((merged[0], exact[0]), (merged[2], exact[2])):
+        assert type(got) is GGUFLinear
+        want_blocks = gguf.quants.quantize(ref.weight.detach().numpy(), got.qtype)
+        assert torch.equal(got.blocks.reshape(-1), torch.from_numpy(want_blocks.view(np.uint8).reshape(-1)))
+        change = (_weight(got) - ref.weight).abs()
+        assert 0 < float(change.max()) <= report.max_abs_change
+    assert 0 < report.mean_abs_change < report.max_abs_change < report.max_abs_weight
+
+
+def test_requantize_refuses_k_quants_with_the_model_untouched():
+    packed_model, _ = _trained_pair(T.Q4_K)
+    before = {k: v.clone() for k, v in packed_model.state_dict().items()}
+    with pytest.raises(ValueError, match="blk.0.a holds Q4_K GGUF blocks, which gguf-py cannot quantize") as err:
+        packed_model.merge_and_unload(requantize=True)
+    assert "\n" not in str(err.value)
+    after = packed_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(layer.merged for _, layer in packed_model.base_model.lora_layers())

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.bases import MergeRefused
 from lorakit.bases.linear4bit import Linear4bit, quantize_linear
 from lorakit.lora.quantized_merge import RequantizeReport
 from fourbit import copy_adapters, dequantized_copy, four_bit_layers, quantized
@@ -213,14 +212,15 @@ def test_bad_arguments_are_refused_and_leave_the_model_untouched(kwargs, message
 def test_quantized_options_on_a_dense_model_are_refused(kwargs):
     peft = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     before = state(peft)
-    with pytest.raises(ValueError, match=r"^merge_and_unload: .* applies to quantized layers \(lorakit's Linear4bit\), "
+    with pytest.raises(ValueError, match=r"^merge_and_unload: .* applies to quantized layers \(4-bit or GGUF blocks\), "
                                          r"and the model has none$"):
         peft.merge_and_unload(**kwargs)
     assert same_state(peft, before)
 
 
-def test_a_base_that_refuses_every_merge_still_refuses_before_the_4bit_layers_change():
-    """GGUF blocks cannot stand in a dense layer: merge_and_unload refuses with their message."""
+def test_4bit_and_gguf_layers_merge_together_each_onto_its_dequantized_weight():
+    """A model mixing 4-bit layers and GGUF blocks: merge_and_unload de-quantizes both (the same
+    outputs as before), and requantize=True gives each layer its own kind back."""
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
@@ -228,13 +228,21 @@ def test_a_base_that_refuses_every_merge_still_refuses_before_the_4bit_layers_ch
 
     rng = np.random.default_rng(0)
     blocks = gguf.quants.quantize(rng.standard_normal((32, 64)).astype(np.float32) / 8, gguf.GGMLQuantizationType.Q8_0)
-    torch.manual_seed(0)
-    net = nn.Sequential(quantize_linear(nn.Linear(64, 64)), nn.ReLU(),
-                        GGUFLinear(torch.from_numpy(blocks.view(np.uint8).reshape(-1).copy()),
-                                   gguf.GGMLQuantizationType.Q8_0, 32, 64))
-    peft = get_peft_model(net, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
-    before = state(peft)
-    for kwargs in ({}, {"requantize": True}):
-        with pytest.raises(MergeRefused, match="holds Q8_0 GGUF blocks"):
-            peft.merge_and_unload(**kwargs)
-        assert same_state(peft, before) and isinstance(peft.base_model.model[0].base_layer, Linear4bit)
+
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(quantize_linear(nn.Linear(64, 64)), nn.ReLU(),
+                            GGUFLinear(torch.from_numpy(blocks.view(np.uint8).reshape(-1).copy()),
+                                       gguf.GGMLQuantizationType.Q8_0, 32, 64))
+        return get_peft_model(net, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    peft = build()
+    with torch.no_grad():
+        want = peft(x)
+        merged = peft.merge_and_unload()
+        assert [type(m) for m in merged] == [nn.Linear, nn.ReLU, nn.Linear]
+        torch.testing.assert_close(merged(x), want, rtol=1e-5, atol=1e-5)
+        again = build().merge_and_unload(requantize=True)
+    assert [type(m) for m in again] == [Linear4bit, nn.ReLU, GGUFLinear]
+    assert again.lorakit_requantize_report.layers == 2

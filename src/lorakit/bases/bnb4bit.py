@@ -152,6 +152,9 @@ class BnbLinear4bitBase:
         """A dense nn.Linear holding W de-quantized (then cast to `dtype`) and the bias; the layer is untouched."""
         return frozen_dense_linear(self.dense(dtype), self.bias, self.module.training)
 
+    def requantize_refusal(self) -> str | None:
+        return None
+
     def requantized(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
         """A new bitsandbytes Linear4bit with this layer's settings holding `weight` (out, in), quantized
         by bitsandbytes itself on the layer's device (its classes come from the user's own import)."""

@@ -16,6 +16,7 @@ of the `ne` that GGUF files list.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -303,3 +304,32 @@ def dequantize(raw: Tensor, qtype: int, shape: Sequence[int], name: str | None =
     """The whole tensor whose blocks are `raw` (uint8), as float32 of `shape`."""
     rows = math.prod(int(s) for s in shape[:-1])
     return dequantize_rows(raw, qtype, shape, 0, rows, name).reshape(tuple(int(s) for s in shape))
+
+
+# -- writing blocks -------------------------------------------------------------------------------
+@functools.cache
+def quantizable(qtype: int) -> bool:
+    """Whether gguf-py can write blocks of GGML type `qtype` (it cannot quantize the K-quants)."""
+    import gguf
+    import numpy as np
+
+    try:
+        gguf.quants.quantize(np.zeros((1, layout(qtype).block), np.float32), int(qtype))
+    except (NotImplementedError, ValueError):
+        return False
+    return True
+
+
+def quantize(values: Tensor, qtype: int, name: str | None = None) -> Tensor:
+    """`values` (..., row length) rounded into GGML type `qtype` by gguf-py's quantizers (llama.cpp's
+    reference rounding), as flat uint8 blocks that `dequantize` reads back; a ValueError naming the
+    tensor where gguf-py cannot write the type."""
+    import gguf
+    import numpy as np
+
+    row_bytes(qtype, int(values.shape[-1]), name)  # refuses unknown types and partial blocks
+    if not quantizable(qtype):
+        raise ValueError(f"{name or 'a GGUF tensor'}: gguf-py cannot quantize {layout(qtype).name} blocks "
+                         "(K-quants are written by llama.cpp's llama-quantize)")
+    data = gguf.quants.quantize(values.detach().float().cpu().contiguous().numpy(), int(qtype))
+    return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1).copy())

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import gguf_blocks
 from .compute import product_dtype
 from .frozen_product import frozen_linear
+from .linear4bit import frozen_dense_linear
 from .protocol import MergeRefused
 
 
@@ -148,6 +149,27 @@ class GGUFBase:
 
     def assign(self, weight: Tensor) -> None:
         raise MergeRefused(
-            f"cannot merge into {self.module.name or 'a GGUFLinear'}: the base holds {self.module.kind} GGUF blocks, "
-            "which merging would re-quantize; merging writes a new model instead (lorakit.export.merge_adapter_to_dir)"
+            f"cannot merge into {self.module.name or 'a GGUFLinear'} in place: the base holds {self.module.kind} GGUF "
+            "blocks, which merging would re-quantize; merge_and_unload() returns a model merged onto the "
+            "de-quantized blocks"
         )
+
+    # merge_and_unload stands a dense layer in for the blocks (merges go onto the weights the adapter trained against)
+    def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense nn.Linear holding W de-quantized (then cast to `dtype`) and the bias; the blocks are untouched."""
+        return frozen_dense_linear(self.dense(dtype), self.bias, self.module.training)
+
+    def requantize_refusal(self) -> str | None:
+        if gguf_blocks.quantizable(self.module.qtype):
+            return None
+        return (f"{self.module.name or 'a GGUFLinear'} holds {self.module.kind} GGUF blocks, which gguf-py cannot "
+                "quantize; merge without requantize (a dense model) or write a GGUF with `lorakit merge --output "
+                "model.gguf` and llama.cpp's llama-quantize")
+
+    def requantized(self, weight: Tensor, bias: Tensor | None) -> GGUFLinear:
+        """A new GGUFLinear of this layer's type and settings holding `weight` (out, in) rounded into blocks."""
+        module = self.module
+        blocks = gguf_blocks.quantize(weight, module.qtype, module.name).to(self.device)
+        return GGUFLinear(blocks, module.qtype, module.out_features, module.in_features, bias, name=module.name,
+                          compute_dtype=module.compute_dtype,
+                          chunk_values=module.rows_per_chunk * module.in_features).train(module.training)

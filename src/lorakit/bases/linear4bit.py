@@ -192,6 +192,9 @@ class Linear4bitBase:
     def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
         return dequantize_linear(self.module, dtype)
 
+    def requantize_refusal(self) -> str | None:
+        return None
+
     def requantized(self, weight: Tensor, bias: Tensor | None) -> Linear4bit:
         return requantize_like(self.module, weight, bias)
 

@@ -80,3 +80,7 @@ class QuantizedBase(Protocol):
     def requantized(self, weight: Tensor, bias: Tensor | None) -> nn.Module:
         """A new layer of this kind, with this layer's quantization settings, holding `weight` (out, in)."""
         ...
+
+    def requantize_refusal(self) -> str | None:
+        """Why `requantized` cannot rebuild this layer (None: it can); asked before any merge."""
+        ...

@@ -1,4 +1,4 @@
-"""`merge_and_unload` over quantized bases (lorakit's 4-bit Linear4bit): merge onto the weights
+"""`merge_and_unload` over quantized bases (4-bit layers, GGUF blocks): merge onto the weights
 the adapter was trained against, the de-quantized ones, and come back dense or quantized again.
 
 A quantized base refuses merges in place (`merge_adapter`): its weight is stored as codes. Here
@@ -7,7 +7,7 @@ de-quantized values are those of its weight dtype), merged as any dense layer (i
 
 - cast once to `dtype` (default: the weight dtype it was quantized from), or
 - with `requantize=True`, quantized again with the layer's own settings (quant type, blocksize,
-  double quant, weight and compute dtypes). The change that causes, |W_requantized - W_merged|
+  double quant, weight and compute dtypes; a GGUF layer's block type). The change that causes, |W_requantized - W_merged|
   over every requantized weight, is summed up in a `RequantizeReport`: logged, and kept on the
   returned model as `model.lorakit_requantize_report`.
 
@@ -99,7 +99,8 @@ def merge_and_unload(owner: LoraModel, names: Sequence[str], *, safe_merge: bool
     """LoraModel.merge_and_unload for a model with quantized layers (see the module docstring).
 
     Everything is checked before the model changes: the adapter names, bases that refuse
-    merging altogether (GGUF blocks), the arguments, and with `safe_merge` every merged weight.
+    merging altogether, the arguments (and with `requantize` whether every layer can be quantized
+    again: gguf-py writes no K-quant), and with `safe_merge` every merged weight.
     """
     from .linear import Linear
 
@@ -112,14 +113,17 @@ def merge_and_unload(owner: LoraModel, names: Sequence[str], *, safe_merge: bool
     four = [(n, l) for n, l in layers if n in on_quantized and l._pending(names)]
     dense = [l for n, l in layers if n not in on_quantized]
     for layer in dense:
-        layer.check_mergeable()  # a base that refuses any merge (GGUF blocks) refuses here, first
+        layer.check_mergeable()  # a base that refuses any merge refuses here, first
     if requantize and dtype is not None:
         raise ValueError("merge_and_unload: dtype applies to layers that come back de-quantized; with requantize=True "
                          "they stay quantized (cast the rest of the model with .to())")
     if (requantize or dtype is not None) and not has_quantized(owner.model):
         what = "requantize=True" if requantize else f"dtype={dtype}"
-        raise ValueError(f"merge_and_unload: {what} applies to quantized layers (lorakit's Linear4bit), and the model "
-                         "has none")
+        raise ValueError(f"merge_and_unload: {what} applies to quantized layers (4-bit or GGUF blocks), and the "
+                         "model has none")
+    refusals = [layer.base.requantize_refusal() for _, layer in four] if requantize else []
+    if any(refusals):
+        raise ValueError(f"merge_and_unload(requantize=True): {next(r for r in refusals if r)}")
     if safe_merge:
         for layer in dense:
             if not layer.merge_is_finite(names):
