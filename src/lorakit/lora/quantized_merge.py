@@ -7,9 +7,9 @@ de-quantized values are those of its weight dtype), merged as any dense layer (i
 
 - cast once to `dtype` (default: the weight dtype it was quantized from), or
 - with `requantize=True`, quantized again with the layer's own settings (quant type, blocksize,
-  double quant, weight and compute dtypes; a GGUF layer's block type). The change that causes, |W_requantized - W_merged|
-  over every requantized weight, is summed up in a `RequantizeReport`: logged, and kept on the
-  returned model as `model.lorakit_requantize_report`.
+  double quant, weight and compute dtypes; a GGUF layer's block type). The change that causes,
+  |W_requantized - W_merged| over every requantized weight, is summed up in a `RequantizeReport`:
+  logged, and kept on the returned model as `model.lorakit_requantize_report`.
 
 Quantized layers without an adapter: de-quantized too (to `dtype`, default their weight dtype),
 so the result is a plain model whose `save_pretrained` transformers loads without bitsandbytes;
