@@ -34,6 +34,7 @@ from ..lora.config import LoraConfig
 from ..lora.functional import lora_scaling
 from ..lora.io import PREFIX, atomic_write_bytes, fsync_dir
 from ..models.gguf_names import GGUF_ARCHS, arch_for_model_type, gguf_names, permute_rows, rotary_heads, unpermute_rows
+from ..models.gguf_header import open_gguf, read_header
 from . import check
 from .check import Module
 
@@ -113,19 +114,19 @@ def base_from_config(config: Any, source: str) -> GGUFBase:
 
 def base_from_gguf(path: Path) -> GGUFBase:
     """A base GGUF model file, from its metadata and tensor table (nothing is de-quantized)."""
-    reader = open_gguf(path)
-    kind = _field(reader, "general.type") or "model"
+    header = read_header(path)
+    kind = header.field("general.type") or "model"
     if kind != "model":
         raise ValueError(f"{path}: general.type is {kind!r}; the base must be a model GGUF")
-    arch = _field(reader, "general.architecture")
+    arch = header.architecture
     if arch not in GGUF_ARCHS:
         known = ", ".join(sorted(GGUF_ARCHS))
         raise ValueError(f"{path}: general.architecture {arch!r} has no GGUF adapter name map in lorakit "
                          f"(it maps {known}); {MERGED_EXPORT}")
-    n_head = _field(reader, f"{arch}.attention.head_count")
-    return GGUFBase(arch, int(_field(reader, f"{arch}.block_count")), int(n_head),
-                    int(_field(reader, f"{arch}.attention.head_count_kv") or n_head),
-                    {t.name: _shape(t) for t in reader.tensors}, str(path), gguf_file=path)
+    n_head = header.field(f"{arch}.attention.head_count")
+    return GGUFBase(arch, int(header.field(f"{arch}.block_count")), int(n_head),
+                    int(header.field(f"{arch}.attention.head_count_kv") or n_head),
+                    {t.name: t.shape for t in header.tensors.values()}, str(path), gguf_file=path)
 
 
 def resolve_base(base: Any, recorded: str | None, adapter_dir: Path) -> GGUFBase:
@@ -316,30 +317,6 @@ def write_adapter_modelfile(adapter_file: Path, base: GGUFBase) -> Path:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def open_gguf(path: str | os.PathLike) -> Any:
-    """A gguf.GGUFReader over `path`, or a one-line ValueError naming the file and what is wrong."""
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path}: bad magic {magic!r} (a GGUF file starts with b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, OverflowError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: truncated or corrupt GGUF: its header or tensor data runs past the end "
-                         f"of the file ({size} bytes; {err})") from None
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > size:
-            raise ValueError(f"{path}: tensor {tensor.name}: data runs past the end of the file "
-                             f"({tensor.data_offset + tensor.n_bytes} > {size} bytes)")
-    return reader
-
-
 def _field(reader: Any, key: str) -> Any:
     field = reader.fields.get(key)
     return None if field is None else field.contents()

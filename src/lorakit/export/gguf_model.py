@@ -224,16 +224,14 @@ def write_gguf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 def source_pre_tokenizer(model_name: str) -> str | None:
     """The base GGUF's ``tokenizer.ggml.pre`` when the base is a GGUF (built-in or a .gguf path)."""
-    import gguf
-
+    from ..models.gguf_header import read_header
     from ..models.load import packed_gguf_path
 
     try:
         path = packed_gguf_path(model_name)
     except (ValueError, FileNotFoundError):
         return None
-    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
-    return None if field is None else field.contents()
+    return read_header(path).field("tokenizer.ggml.pre")
 
 
 def merge_adapter_to_gguf(

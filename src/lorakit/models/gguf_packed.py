@@ -3,10 +3,11 @@
 `load_packed_gguf` builds the transformers model from the config transformers derives from the
 GGUF's metadata, with its parameters on the meta device (nothing allocated), then fills it:
 every linear layer of the decoder (attention q/k/v/o, MLP gate/up/down) becomes a `GGUFLinear`
-over the file's bytes, read through gguf's memory map without a copy; everything else (norms,
+over the file's bytes, read through a memory map of the file without a copy; everything else (norms,
 embeddings, an untied head) is de-quantized to float32, bit-exact with gguf-py and so with the
 dense conversion (`models.gguf.convert_gguf`). A Q4_1 layer takes 0.625 bytes a value where the
-dense model takes 4.
+dense model takes 4. The file's metadata, tensor table, config and tokenizer come from its cached
+header (`models.gguf_header`), so a load after the first reads no vocabulary array again.
 
 Tensor names map through gguf's own table (`gguf.get_tensor_name_map`), written once in
 `models.gguf_names` (shared with the GGUF writers). llama.cpp's converter stores the rows of
@@ -19,14 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..bases import gguf_blocks
 from ..bases.gguf_linear import GGUFLinear
-from .gguf import gguf_tokenizer, require_gguf
+from .gguf import require_gguf
+from .gguf_header import hf_dir, read_header
 from .gguf_names import GGUF_ARCHS, GGUFArch, gguf_names, rotary_heads, unpermute_rows
+from .tokens import ensure_pad_token
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,27 +39,8 @@ PACKED_ARCHS: dict[str, GGUFArch] = {name: GGUF_ARCHS[name] for name in ("llama"
 
 
 def packable(path: str | Path) -> bool:
-    """True when `path`'s `general.architecture` is one a packed load reads (reads the header only)."""
-    require_gguf()
-    import gguf
-
-    return _field(gguf.GGUFReader(Path(path), "r"), "general.architecture") in PACKED_ARCHS
-
-
-def _raw(tensor) -> Tensor:
-    """A gguf ReaderTensor's bytes as a flat uint8 tensor over the reader's memory map (no copy)."""
-    data = np.asarray(tensor.data)
-    return torch.from_numpy(data.reshape(-1).view(np.uint8))
-
-
-def _shape(tensor) -> tuple[int, ...]:
-    """torch's shape of a ReaderTensor: the reverse of the `ne` GGUF lists."""
-    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
-
-
-def _field(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
+    """True when `path`'s `general.architecture` is one a packed load reads (the cached header)."""
+    return read_header(path).architecture in PACKED_ARCHS
 
 
 def _set_parameter(model: nn.Module, name: str, value: Tensor) -> None:
@@ -85,29 +68,25 @@ def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
     the packed layers' products (float32: exactly the dense conversion's values).
     """
     require_gguf()
-    import gguf
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    reader = gguf.GGUFReader(path, "c")  # copy-on-write map: writable tensors, the file untouched
-    file_arch = _field(reader, "general.architecture")
+    header = read_header(path)
+    file_arch = header.architecture
     arch = PACKED_ARCHS.get(file_arch)
     if arch is None:
         known = ", ".join(PACKED_ARCHS)
         raise ValueError(f"{path.name}: a packed load reads GGUF architectures {known}, not {file_arch!r}; "
                          "load it through the dense conversion instead (lorakit.load_model)")
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    tokenizer = gguf_tokenizer(path, config.max_position_embeddings)
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
+    meta = hf_dir(path)  # config + tokenizer, derived from the metadata once
+    config = AutoConfig.from_pretrained(meta)
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(meta))
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) made for real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = header.tensors
     params = dict(model.named_parameters())
     names = gguf_names(params, arch.member, config.num_hidden_layers)
 
@@ -119,7 +98,7 @@ def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
 
     def dense(hf_name: str) -> Tensor:
         gguf_name, tensor = read(hf_name)
-        value = gguf_blocks.dequantize(_raw(tensor), tensor.tensor_type, _shape(tensor), gguf_name)
+        value = gguf_blocks.dequantize(header.tensor_bytes(gguf_name), tensor.qtype, tensor.shape, gguf_name)
         heads = rotary_heads(config, gguf_name) if arch.rope_permuted else None
         value = value if heads is None else unpermute_rows(value, heads)
         if value.shape != params[hf_name].shape:
@@ -132,16 +111,16 @@ def load_packed_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32
         if not _is_decoder_linear(module, names.get(f"{name}.weight")):
             continue
         gguf_name, tensor = read(f"{name}.weight")
-        out_features, in_features = _shape(tensor)
+        out_features, in_features = tensor.shape
         if (out_features, in_features) != (module.out_features, module.in_features):
             raise ValueError(f"{path.name}: {gguf_name} is ({out_features}, {in_features}), "
                              f"the model's {name} ({module.out_features}, {module.in_features})")
-        blocks = _raw(tensor)
+        blocks = header.tensor_bytes(gguf_name)
         heads = rotary_heads(config, gguf_name) if arch.rope_permuted else None
         if heads is not None:  # whole rows of bytes move; nothing is de-quantized
             blocks = unpermute_rows(blocks.reshape(out_features, -1), heads)
         bias = dense(f"{name}.bias") if module.bias is not None else None
-        _replace_module(model, name, GGUFLinear(blocks, tensor.tensor_type, out_features, in_features, bias,
+        _replace_module(model, name, GGUFLinear(blocks, tensor.qtype, out_features, in_features, bias,
                                                 name=gguf_name, compute_dtype=dtype))
         packed.update((f"{name}.weight", f"{name}.bias"))
 
