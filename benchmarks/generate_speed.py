@@ -30,7 +30,7 @@ def main() -> int:
     from lorakit.models import load_model
 
     def fresh():
-        return load_model("smollm2-135m", dtype="float32", device="cpu")[0].eval()
+        return load_model("smollm2-135m", dtype="float32", device="cpu", packed=False)[0].eval()
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

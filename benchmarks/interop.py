@@ -342,7 +342,9 @@ def smollm_case(work: Path, steps: int) -> Case:
     from lorakit.models.inference import load_for_inference
 
     folder = work / "smollm2"
-    base, tokenizer = load_for_inference("smollm2-135m", [], dtype="float32", device="cpu")
+    # the GGUFs written from the dense conversion (the same values as the blocks); the run compared
+    # with llama.cpp is on the packed base, the default
+    base, tokenizer = load_for_inference("smollm2-135m", [], dtype="float32", device="cpu", packed=False)
     bases = write_bases(base, tokenizer, folder)
     # a random adapter's change is made as large as a fine-tune's (logit rms ~3): the Q4_1 base's own
     # noise in llama.cpp (its activations are rounded to 8 bits) is ~0.3 rms

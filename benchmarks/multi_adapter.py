@@ -31,7 +31,7 @@ def main() -> int:
     from lorakit.models import load_model
 
     def fresh():
-        return load_model("smollm2-135m", dtype="float32", device="cpu")[0].eval()
+        return load_model("smollm2-135m", dtype="float32", device="cpu", packed=False)[0].eval()
 
     names = [f"a{i}" for i in range(args.adapters)]
     rows = [names[i % len(names)] for i in range(args.batch)]

@@ -9,8 +9,10 @@ each contender in its own fresh process, rounds alternating, medians reported.
 
 Figures: step time, CPU seconds a step (process time, all threads: steadier on a shared machine),
 peak RSS of the process, and the load's resident memory (RSS after the load and one short forward,
-which reads every weight, minus RSS before the load; and the bytes the model's tensors hold). `packed_step_vs_dense` is the packed step's median over the
-dense one's: the issue's rule makes packed the default when it is at most 1.10.
+which reads every weight, minus RSS before the load; and the bytes the model's tensors hold), the
+load time, and greedy decoding speed (the bare base, batch 1, 32 new tokens). `packed_step_vs_dense`
+is the packed step's median over the dense one's: the issue's rule makes packed the default when it
+is at most 1.10.
 
     python benchmarks/packed_speed.py                         # 3 rounds, 2 warm-up + 5 timed steps
     python benchmarks/packed_speed.py --rounds 1 --warmup 1 --steps 2   # a quick look
@@ -47,6 +49,7 @@ def _train_speed():
 
 ts = _train_speed()
 
+DECODE_TOKENS = 32  # greedy tokens timed per contender (batch 1)
 CONTENDERS = {
     "dense": "dense cached conversion (fp32 weights)",
     "packed": "packed GGUF base (Q4_1 blocks, de-quantized in the products)",
@@ -78,6 +81,7 @@ def _run(name: str, adapter_dir: str, steps: int, warmup: int, model: str, threa
         base(torch.tensor([[1, 2, 3, 4]]))
     load_rss = _rss_bytes() - before
     weights = storage_bytes(base)
+    decode = _decode_tokens_per_s(base)
     base.train()
     batch = ts._batch(base.config.vocab_size)
     step_loss = ts._lorakit()(base, batch, adapter_dir)
@@ -95,34 +99,50 @@ def _run(name: str, adapter_dir: str, steps: int, warmup: int, model: str, threa
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
     result = ts._result(name, times, cpu_times, losses)
-    return {**result, "load_s": load_s, "load_rss_gb": load_rss / 1024**3, "weights_gb": weights / 1024**3}
+    return {**result, "load_s": load_s, "load_rss_gb": load_rss / 1024**3, "weights_gb": weights / 1024**3,
+            "decode_tok_s": decode}
+
+
+def _decode_tokens_per_s(base, new_tokens: int = DECODE_TOKENS) -> float:
+    """Greedy decoding speed of the bare base (batch 1, KV cache): new tokens a second, after a warm-up."""
+    import torch
+
+    prompt = torch.tensor([list(range(100, 116))])
+    with torch.no_grad():
+        base.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        base.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return new_tokens / (time.perf_counter() - start)
 
 
 def _median(runs: list[dict]) -> dict:
     merged = ts._median_run(runs)
-    for key in ("load_s", "load_rss_gb", "weights_gb"):
+    for key in ("load_s", "load_rss_gb", "weights_gb", "decode_tok_s"):
         merged[key] = statistics.median(r[key] for r in runs)
     return merged
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| base | step (s) | CPU s/step | peak RSS (GB) | load RSS (GB) | model tensors (GB) | load (s) | losses |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| base | step (s) | CPU s/step | peak RSS (GB) | load RSS (GB) | model tensors (GB) | load (s) "
+             "| decode (tok/s) | losses |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         losses = " ".join(f"{x:.4f}" for x in r["losses"])
         lines.append(f"| {CONTENDERS[name]} | {r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_gb']:.2f} "
-                     f"| {r['load_rss_gb']:.2f} | {r['weights_gb']:.3f} | {r['load_s']:.1f} | {losses} |")
+                     f"| {r['load_rss_gb']:.2f} | {r['weights_gb']:.3f} | {r['load_s']:.1f} | {r['decode_tok_s']:.1f} "
+                     f"| {losses} |")
     return "\n".join(lines)
 
 
 def summary(results: dict[str, dict]) -> str:
-    """The ratios the docs quote: packed over dense (step, CPU, peak RSS, load RSS), the largest
-    relative difference of their losses."""
+    """The ratios the docs quote: packed over dense (step, CPU, peak RSS, load RSS, decoding speed),
+    the largest relative difference of their losses."""
     p, d = results["packed"], results["dense"]
     loss_diff = ts._loss_rel_diff(d["losses"], p["losses"])
     return (f"packed_step_vs_dense={p['step_s'] / d['step_s']:.2f} packed_cpu_vs_dense={p['cpu_s'] / d['cpu_s']:.2f} "
             f"packed_peak_vs_dense={p['peak_rss_gb'] / d['peak_rss_gb']:.2f} "
-            f"packed_load_rss_vs_dense={p['load_rss_gb'] / d['load_rss_gb']:.2f} loss_rel_diff={loss_diff:.1e}")
+            f"packed_load_rss_vs_dense={p['load_rss_gb'] / d['load_rss_gb']:.2f} "
+            f"packed_decode_vs_dense={p['decode_tok_s'] / d['decode_tok_s']:.2f} loss_rel_diff={loss_diff:.1e}")
 
 
 def main() -> int:

@@ -40,7 +40,7 @@ def make_adapters(model_name: str, root: Path, count: int, rank: int) -> dict[st
 
     paths = {}
     for i in range(count):
-        model, _ = load_model(model_name)
+        model, _ = load_model(model_name, packed=False)
         torch.manual_seed(1000 + i)
         peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                                                 init_lora_weights=False))
@@ -79,7 +79,7 @@ def peft_model(model_name: str, paths: dict[str, str]):
     from peft import PeftModel
     from lorakit.models import load_model
 
-    base, _ = load_model(model_name)
+    base, _ = load_model(model_name, packed=False)
     names = list(paths)
     model = PeftModel.from_pretrained(base, paths[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -154,9 +154,9 @@ def main() -> None:
         paths = make_adapters(args.model, Path(tmp), args.adapters, args.rank)
         names = list(paths)
         rows = [names[i % len(names)] for i in range(args.requests)]
-        base, tokenizer = load_model(args.model)
+        base, tokenizer = load_model(args.model, packed=False)
         peft = None if args.no_peft else peft_model(args.model, paths)
-        model, _ = load_model(args.model)
+        model, _ = load_model(args.model, packed=False)
         registry = AdapterRegistry(model, args.model)
         for name, path in paths.items():
             registry.add(name, path)

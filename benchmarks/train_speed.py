@@ -111,7 +111,7 @@ MODEL = "smollm2-135m"  # --model: another one (a tiny model directory for a qui
 def _dense(model: str, dtype: str):
     from lorakit.models import load_model
 
-    return load_model(model, dtype=dtype, device="cpu")[0]
+    return load_model(model, dtype=dtype, device="cpu", packed=False)[0]
 
 
 def _lorakit_4bit(model: str, dtype: str):
@@ -140,7 +140,7 @@ def _make_initial_adapter(directory: str, model_name: str = MODEL) -> None:
     """The adapter every LoRA contender starts from (lorakit's init, saved in PEFT's format)."""
     from lorakit.models import load_model
 
-    model, _ = load_model(model_name, dtype="float32", device="cpu")
+    model, _ = load_model(model_name, dtype="float32", device="cpu", packed=False)
     _fresh_adapter(model).save_pretrained(directory)
 
 

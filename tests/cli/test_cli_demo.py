@@ -164,7 +164,7 @@ def test_demo_on_a_packed_gguf_base_reports_the_memory_it_saves(tmp_path, capsys
     assert "fine-tuning with LoRA (packed GGUF base, r=16, 2 steps of 8)" in printed
     assert "gguf_base: packed" in (out / "config.yaml").read_text()
     packed = base_memory(load_model(str(path), packed=True)[0])
-    dense = base_memory(load_model(str(path))[0])
+    dense = base_memory(load_model(str(path), packed=False)[0])
     assert packed.elements == dense.elements and packed.bytes < dense.bytes
     assert packed.kind == "GGUF Q8_0 blocks in its"
     assert f"base weights in memory: {packed.line()}" in printed and f"memory saved: {packed.saved_line()}" in printed

@@ -25,6 +25,7 @@ from lorakit.cli import main  # noqa: E402
 from lorakit.export import export_gguf_adapter, inspect_adapter  # noqa: E402
 from lorakit.export.gguf_adapter import llamacpp_scale, permute_rows  # noqa: E402
 from lorakit.models.gguf_packed import unpermute_rows  # noqa: E402
+from ggufmodels import converter_permute  # noqa: E402
 from tinymodels import save_tiny_model  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,11 +79,6 @@ def reader_pairs(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
         out.setdefault(base, {})[part] = torch.from_numpy(values.astype("float32"))
     return out
-
-
-def converter_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's convert_hf_to_gguf permutation of q/k rows, in its own (forward) form."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def llamacpp_load_checks(adapter: Path, base_tensors: dict[str, list[int]]) -> None:
@@ -266,7 +262,7 @@ def test_embedded_smollm2_fits_its_base_gguf_and_round_trips(tmp_path):
         path = builtin_gguf_path("smollm2-135m")
     except (ModuleNotFoundError, FileNotFoundError) as err:
         pytest.skip(str(err))
-    model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
+    model, _ = load_model("smollm2-135m", dtype="float32", device="cpu", packed=False)  # dense: its q weight
     ids = IDS[:1, :6]
     torch.manual_seed(1)
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from lorakit.models import gguf_header  # noqa: E402
 from lorakit.models.gguf_header import hf_dir, read_header  # noqa: E402
-from test_models_gguf_packed import write_tiny_llama  # noqa: E402
+from ggufmodels import write_tiny_llama  # noqa: E402
 
 
 @pytest.fixture

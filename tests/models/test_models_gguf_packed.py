@@ -18,81 +18,9 @@ pytest.importorskip("accelerate")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from lorakit.bases.gguf_linear import GGUFLinear  # noqa: E402
+from ggufmodels import HEADS, LINEARS, converter_permute, write_tiny_llama  # noqa: E402
 from tinymodels import write_foreign_gguf  # noqa: E402
 from lorakit.models.gguf_packed import load_packed_gguf, storage_bytes, unpermute_rows  # noqa: E402
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-HEADS, KV_HEADS = 4, 2
-
-
-def converter_permute(w, n_head: int):
-    """llama.cpp's convert_hf_to_gguf permutation of q/k rows, in its own (forward) form."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_tiny_llama(path: Path, qtype: Q, tied: bool, seed: int = 0, family: str = "llama"):
-    """Write a random 2-layer Llama (or Qwen2: q/k/v biases, rows not permuted) to `path`; return
-    the reference model built from what the file holds, de-quantized, with rows in the model's order."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
-    config = config_cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-                        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied)
-    model = model_cls(config).eval()
-    with torch.no_grad():  # biases that are not zero: their rows' order shows
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.copy_(torch.randn_like(param) * 0.1)
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.upper()], config.num_hidden_layers)
-
-    w = gguf.GGUFWriter(str(path), family)
-    w.add_block_count(2)
-    w.add_context_length(64)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(16)
-    w.add_vocab_size(64)
-    w.add_tokenizer_model("gpt2")
-    tokens = ["<s>", "</s>", "ab"] + [chr(ord("a") + i) for i in range(26)] + [f"<t{i}>" for i in range(35)]
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3] + [1] * 62)
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-
-    reference = {}
-    for name, param in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
-        gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
-        value = param.numpy()
-        if value.ndim == 1:  # norms stay F32
-            w.add_tensor(gguf_name, value)
-            reference[name] = param.clone()
-            continue
-        kind = qtype if gguf_name.startswith("blk.") else Q.Q8_0  # embeddings and head in Q8_0
-        quantized = gguf.quants.quantize(value, kind)
-        reference[name] = torch.from_numpy(gguf.quants.dequantize(quantized, kind).copy())
-        if family == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
-            # rows are whole blocks: permuting then quantizing is quantizing then permuting
-            quantized = converter_permute(quantized, HEADS if ".attn_q." in gguf_name else KV_HEADS)
-        w.add_tensor(gguf_name, quantized, raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-    model.load_state_dict(reference, strict=not tied)
-    if tied:
-        model.tie_weights()
-    return model
-
 
 @pytest.fixture(params=[(Q.Q8_0, False, "llama"), (Q.Q4_0, True, "llama"), (Q.Q4_1, True, "qwen2")],
                 ids=["q8_0-untied", "q4_0-tied", "qwen2-q4_1-tied"])
@@ -134,7 +62,7 @@ def test_packed_logits_equal_the_dense_conversions(tiny, tmp_cache):
 
     path, _, _ = tiny
     packed, _ = load_model(str(path), packed=True, device="cpu", dtype="float32")
-    dense, _ = load_model(str(path), device="cpu", dtype="float32")
+    dense, _ = load_model(str(path), device="cpu", dtype="float32", packed=False)
     assert not any(isinstance(m, GGUFLinear) for m in dense.modules())
     ids = torch.tensor([[0, 3, 7, 11, 2, 40, 5, 1]])
     with torch.no_grad():
@@ -205,7 +133,7 @@ def test_embedded_model_packed_equals_the_dense_conversion():
 
     path = builtin_gguf_path("smollm2-135m")
     packed, tokenizer = load_packed_gguf(path)
-    dense, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
+    dense, _ = load_model("smollm2-135m", dtype="float32", device="cpu", packed=False)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         got, want = packed(ids).logits, dense(ids).logits
@@ -247,3 +175,27 @@ def test_generation_and_mixed_adapter_batches_on_a_packed_base_equal_the_dense_r
         assert min((got[0] - got[1]).abs().max(), (got[2] - got[1]).abs().max()) > 1e-3  # each route its own
         new = [m.generate(input_ids=ids, max_new_tokens=6, do_sample=False, adapter_names=routes) for m in models]
     assert torch.equal(new[0], new[1]) and new[0].shape == (3, 12)
+
+
+def test_load_model_keeps_the_blocks_by_default_and_dense_on_request(tiny, tmp_cache):
+    from lorakit.models import load_model
+
+    path, _, _ = tiny
+    assert isinstance(load_model(str(path))[0].model.layers[0].mlp.up_proj, GGUFLinear)
+    assert not any(isinstance(m, GGUFLinear) for m in load_model(str(path), packed=False)[0].modules())
+    quantized = load_model(str(path), quantization="nf4")[0]  # 4 bits quantize the dense conversion
+    assert not any(isinstance(m, GGUFLinear) for m in quantized.modules())
+
+
+def test_generate_and_serve_take_gguf_base(tiny, tmp_cache, capsys):
+    from lorakit.cli import main
+
+    path, _, _ = tiny
+    answers = {}
+    for choice in ("auto", "packed", "dense"):
+        assert main(["generate", "--model", str(path), "--gguf-base", choice, "--prompt", "abcab",
+                     "--max-new-tokens", "5", "--no-chat"]) == 0
+        answers[choice] = capsys.readouterr().out
+    assert answers["auto"] == answers["packed"] == answers["dense"] and answers["auto"].strip()
+    assert main(["serve", "--model", str(path), "--gguf-base", "blocks"]) == 2
+    assert "argument --gguf-base: invalid choice: 'blocks'" in capsys.readouterr().err

@@ -19,9 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.generation import generate
     from lorakit.models.inference import load_for_inference
+    from lorakit.models.load import packed_choice
 
     adapters = [args.adapter] if args.adapter else []
-    model, tokenizer = load_for_inference(args.model, adapters, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_for_inference(args.model, adapters, dtype=args.dtype, device=args.device,
+                                          packed=packed_choice(args.gguf_base))
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template; use 'lorakit generate' instead")
     interactive = sys.stdin.isatty()

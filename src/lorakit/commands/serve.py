@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Collection
 
+from lorakit.commands.generate import add_gguf_base_argument
 from lorakit.lora.names import adapter_name_for
 
 HELP = "serve a model and its adapters over an OpenAI-compatible HTTP API"
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (default: bfloat16 on a CUDA GPU, float32 otherwise)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    add_gguf_base_argument(parser)
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads for the model (default: PyTorch's choice); on a busy machine "
                              "fewer threads can be faster")
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from lorakit.models import load_model
+    from lorakit.models.load import packed_choice
     from lorakit.serve import AdapterRegistry, Engine, create_app
     from lorakit.serve.server import serving
 
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, packed=packed_choice(args.gguf_base))
     registry = AdapterRegistry(model, name, max_adapters=args.max_adapters)
     for adapter_name, path in adapters:
         registry.add(adapter_name, path)

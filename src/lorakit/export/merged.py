@@ -79,8 +79,10 @@ def write_merged(
     if requantize and dtype is not None:
         raise ValueError("--dtype does not apply with --requantize: the merged layers are stored in 4 bits again, "
                          "the other tensors as the base stores them")
+    # A GGUF base merges onto its de-quantized blocks, packed or dense (the same values); requantize
+    # writes a bitsandbytes 4-bit directory, which only a 4-bit base (not GGUF blocks) gives.
     peft, tokenizer = load_for_inference(model_name, [adapter_path], dtype="float32", device="cpu",
-                                         quantization=quantization)
+                                         quantization=quantization, packed=False if requantize else None)
     quantized = has_quantized(peft.base_model.model)
     if requantize and not quantized:
         raise ValueError("--requantize needs a 4-bit base: a 4-bit model directory as --model, or --quantize nf4|fp4")

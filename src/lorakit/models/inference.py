@@ -35,7 +35,7 @@ def load_for_inference(
     dtype: str | None = None,
     device: str | None = None,
     quantization: QuantConfig | str | None = None,
-    packed: bool = False,
+    packed: bool | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The base model with each adapter loaded under its own name, plus the tokenizer.
 
@@ -43,7 +43,7 @@ def load_for_inference(
     available here, else the built-in default. With no adapters the plain model comes back;
     with adapters a PeftModel whose adapter names are `adapter_names_for(adapters)`.
     `quantization` is load_model's (the base quantized to 4 bits before the adapters go on), and
-    so is `packed` (a GGUF model's linear layers kept in the file's blocks).
+    so is `packed` (a GGUF model's linear layers kept in the file's blocks; None: where they can be).
     """
     from ..lora.peft_model import PeftModel
 

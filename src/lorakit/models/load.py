@@ -115,6 +115,14 @@ def is_gguf_model(name_or_path: str) -> bool:
     return name_or_path.lower() in BUILTIN_MODELS or Path(name_or_path).suffix.lower() == ".gguf"
 
 
+def packed_choice(gguf_base: str) -> bool | None:
+    """load_model's `packed` for a `gguf_base` value: auto -> None (`packs_gguf`'s rule), packed -> True,
+    dense -> False."""
+    if gguf_base not in GGUF_BASES:
+        raise ValueError(f"gguf_base must be one of {', '.join(GGUF_BASES)}, not {gguf_base!r}")
+    return {"auto": None, "packed": True, "dense": False}[gguf_base]
+
+
 def packs_gguf(name_or_path: str, gguf_base: str = "auto") -> bool:
     """Whether a run with `gguf_base` (one of GGUF_BASES) loads `name_or_path` packed.
 
@@ -137,14 +145,16 @@ def packs_gguf(name_or_path: str, gguf_base: str = "auto") -> bool:
 
 def load_model(
     name_or_path: str, *, dtype: DType = None, device: Device = None,
-    quantization: QuantConfig | str | None = None, packed: bool = False,
+    quantization: QuantConfig | str | None = None, packed: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (pad token always set) from any `--model` value.
 
     Returns ``(model, tokenizer)``; the model is in eval mode on `device`.
 
-    `packed=True` (a ``.gguf`` file or a built-in model) keeps the decoder's linear weights in the
-    file's GGUF blocks instead of converting them to dense tensors (`models.gguf_packed`).
+    A GGUF model (a ``.gguf`` file or a built-in one) keeps the decoder's linear weights in the
+    file's GGUF blocks (`models.gguf_packed`) wherever the packed loader reads its architecture
+    (`packed=None`, the rule of `packs_gguf`); `packed=False` loads the cached dense conversion
+    instead, `packed=True` insists on the blocks (an error where they cannot be kept).
 
     `quantization` (a QuantConfig, "nf4" or "fp4") stores every linear layer but the output head
     (and `skip_modules`) in 4 bits (lorakit's Linear4bit), streaming the safetensors checkpoint
@@ -167,6 +177,8 @@ def load_model(
     dev = pick_device(device)
     if packed and config is not None:
         raise ValueError("packed=True keeps the GGUF file's own quantized blocks; quantization does not apply to it")
+    if packed is None:
+        packed = config is None and packs_gguf(name_or_path, "auto")
     if packed:
         from .gguf_packed import load_packed_gguf
 
