@@ -13,6 +13,9 @@ models: random nonzero A and B):
             |llama.cpp - lorakit| is set beside that noise, measured on the base alone
   merged    lorakit's merged f16 and q8_0 GGUFs the same way (the "without" side: the base written
             in the same type)
+  tokenize  each merged f16 GGUF's tokenizer in llama.cpp against the transformers tokenizer it
+            was written from, on a few texts (spaces, digits, accents, CJK: byte fallback), and the
+            same for tiny models whose tokenizers are SentencePiece-style (Llama 2's, Gemma's)
   demo      a greedy continuation of held-out demo prompts: the same text (and JSON) from lorakit,
             from the merged f16 GGUF and from the base GGUF + adapter GGUF in llama.cpp
 
@@ -33,12 +36,16 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+_HERE = Path(__file__).resolve().parent
 MIN_CORRELATION = 0.99
+TOKENIZE_TEXTS = ("the quick brown fox", "Table for 2 on sat at 8pm, name Ada Li.", " leading space",
+                  "two  spaces\nand a newline", "Zebra 42 café über ünïcödé ✓ 漢字")
 TINY_FAMILIES = ("llama", "qwen2", "gemma", "gemma2", "gemma3_text")
 TINY_TOKENS = 32  # longer than the Gemma 2/3 sliding window (8): both attention kinds are exercised
 DEMO_PROMPTS = 3
@@ -189,6 +196,17 @@ def llama_greedy(model_path: Path, prompts: list[list[int]], stop: set[int], lor
     return out
 
 
+def llama_tokenize(model_path: Path, texts: Sequence[str]) -> list[list[int]]:
+    """llama.cpp's token ids for each text (its vocabulary only; BOS where the file says to add one)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    try:
+        return [llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) for text in texts]
+    finally:
+        llm.close()
+
+
 # -- lorakit's side -----------------------------------------------------------------------------
 def torch_logits(model, ids: list[int]) -> np.ndarray:
     import torch
@@ -227,12 +245,23 @@ def tiny_tokenizer():
                                    eos_token="<|im_end|>", pad_token="<|im_end|>")
 
 
-def tiny_model(family: str, tokenizer):
+def spm_tokenizer(prepend_space: bool):
+    """tests/ggufmodels.py's SentencePiece-style tokenizer (Llama 2 style, or Gemma's without the
+    prefix space): trained there on a few sentences, byte fallback."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ggufmodels", _HERE.parent / "tests" / "ggufmodels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.spm_tokenizer(prepend_space)
+
+
+def tiny_model(family: str, tokenizer, vocab_size: int = 272):
     """A tiny random model of `family`, norms and biases non-trivial so that their handling shows."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
                   tie_word_embeddings=family.startswith("gemma") or family == "qwen2",
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -380,21 +409,50 @@ def check_case(case: Case, dry_run: bool) -> list[Row]:
                                        outtype=outtype, overwrite=True, modelfile=False).path
         files[f"merged {outtype}"] = (base, merged, None)
     if dry_run:
-        return [dry_row(case, check, paths) for check, paths in files.items()]
+        return [dry_row(case.name, check, paths) for check, paths in files.items()]
     lk_base, lk_tuned = base_logits(case), torch_logits(case.tuned, case.ids)
     rows = []
     for check, (base, model, lora) in files.items():
         cpp_base = llama_logits(base, case.ids)
         cpp_tuned = llama_logits(model, case.ids, lora_path=lora)
         rows.append(compare(case.name, check, lk_base, lk_tuned, cpp_base, cpp_tuned))
+    rows.append(tokenize_row(case.name, case.folder / "merged-f16.gguf", case.tokenizer))
     return rows
 
 
-def dry_row(case: Case, check: str, paths: tuple[Path | None, ...]) -> Row:
+def tokenize_row(model: str, path: Path, tokenizer) -> Row:
+    """The GGUF's tokenizer in llama.cpp against the transformers tokenizer it was written from."""
+    got = llama_tokenize(path, TOKENIZE_TEXTS)
+    want = [tokenizer(text).input_ids for text in TOKENIZE_TEXTS]
+    row = Row(model, f"tokenize {path.stem}", top1=sum(g == w for g, w in zip(got, want)) / len(want))
+    for text, g, w in zip(TOKENIZE_TEXTS, got, want):
+        if g != w:
+            row.failures.append(f"{text!r}: llama.cpp {tokenizer.convert_ids_to_tokens(g)}, "
+                                f"transformers {tokenizer.convert_ids_to_tokens(w)}")
+    return row
+
+
+def sentencepiece_rows(work: Path, dry_run: bool) -> list[Row]:
+    """Merged GGUFs of tiny models with SentencePiece-style tokenizers (llama.cpp's "llama" vocabulary):
+    Llama 2's (a prefix space) and Gemma's (none); llama.cpp must tokenize as transformers does."""
+    from lorakit.export.gguf_model import write_gguf_model
+
+    rows = []
+    for family, prepend in (("llama", True), ("gemma", False)):
+        tokenizer = spm_tokenizer(prepend)
+        path = work / f"spm-{family}" / "model-f16.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf_model(tiny_model(family, tokenizer, vocab_size=len(tokenizer)), tokenizer, path, "f16")
+        name = f"tiny {family} (SentencePiece vocab)"
+        rows.append(dry_row(name, "tokenize", (path,)) if dry_run else tokenize_row(name, path, tokenizer))
+    return rows
+
+
+def dry_row(name: str, check: str, paths: tuple[Path | None, ...]) -> Row:
     """--dry-run: each file opens with gguf-py and holds tensors; llama.cpp is not run."""
     import gguf
 
-    row = Row(case.name, check + " (dry run)")
+    row = Row(name, check + " (dry run)")
     for path in filter(None, paths):
         reader = gguf.GGUFReader(path)
         if not reader.tensors:
@@ -447,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         for family in () if args.smollm_only else TINY_FAMILIES:
             print(f"tiny {family} ...", file=sys.stderr)
             rows += check_case(tiny_case(family, work), args.dry_run)
+        if not args.smollm_only:
+            print("tiny SentencePiece vocabularies ...", file=sys.stderr)
+            rows += sentencepiece_rows(work, args.dry_run)
         if not args.tiny_only:
             case = smollm_case(work, args.steps)
             rows += check_case(case, args.dry_run)

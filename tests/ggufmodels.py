@@ -80,3 +80,42 @@ def write_tiny_llama(path: Path, qtype, tied: bool, seed: int = 0, family: str =
     if tied:
         model.tie_weights()
     return model
+
+
+SPM_CORPUS = [
+    "the quick brown fox jumps over the lazy dog", "table for two on saturday at eight",
+    "hello world, hello there", "a reservation for three people tonight", "the dog and the fox",
+    "name: Ada Li, guests: 4, day: Friday", "over and over the lazy days go by",
+]
+
+
+def spm_tokenizer(prepend_space: bool = True, vocab_size: int = 360):
+    """A SentencePiece-style tokenizer as transformers writes Llama 2's (prepend_space) or Gemma's:
+    BPE over text whose spaces are "▁", byte fallback to <0xNN> pieces, <unk> <s> </s>, BOS added.
+    Trained here on a few sentences, its pieces never spanning two words (as SentencePiece's)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = "\u2581"
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.normalizer = normalizers.Replace(" ", space)
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=True)
+    trainer_tok.train_from_iterator(SPM_CORPUS, trainers.BpeTrainer(
+        vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False))
+    import json
+
+    trained = json.loads(trainer_tok.to_str())["model"]
+    pieces = [p for p, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
+    vocab = {p: i for i, p in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Prepend(space)] if prepend_space else []
+    core.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", space)])
+    core.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      *([decoders.Strip(" ", 1, 0)] if prepend_space else [])])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                        special_tokens=[("<s>", 1)])
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")

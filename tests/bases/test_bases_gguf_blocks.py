@@ -100,6 +100,16 @@ def test_misaligned_bytes_are_copied_not_misread():
     assert torch.equal(gb.dequantize(shifted, T.F32, (3, 32)), gb.dequantize(raw, T.F32, (3, 32)))
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_nibbles_split_by_words_or_bytes_alike(qtype, offset):
+    """The nibbles come out of int32 words, int16 words or single bytes by how the blocks lie in
+    memory (`_q4`); every storage offset gives gguf-py's values."""
+    raw = _quantized(qtype, (5, 64)).reshape(-1)
+    shifted = torch.cat([torch.zeros(offset, dtype=torch.uint8), raw])[offset:]
+    assert torch.equal(gb.dequantize(shifted, qtype, (5, 64)), _reference(raw, qtype, (5, 64)))
+
+
 def test_unsupported_type_names_the_tensor_and_the_way_out():
     with pytest.raises(ValueError, match=r"'blk.3.ffn_up.weight' is stored as IQ2_XXS.*dense conversion") as err:
         gb.dequantize(torch.zeros(66, dtype=torch.uint8), T.IQ2_XXS, (1, 256), name="blk.3.ffn_up.weight")

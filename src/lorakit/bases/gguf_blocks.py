@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -97,11 +98,40 @@ def _scales(blocks: Tensor, count: int) -> list[Tensor]:
 
 def _q4(qs: Tensor) -> Tensor:
     """(n, 16) bytes -> (n, 32) 4-bit values (uint8): value j is byte j's low nibble, value j + 16
-    its high one."""
+    its high one.
+
+    The nibbles are split four bytes at a time (two where the blocks align only so): a mask and a
+    shift of little-endian words act on every byte of the word alike, and a strided uint8 pass costs
+    about as much per element as a word pass, so this is 2-4x fewer passes' work (the bytes come out
+    the same)."""
     q = torch.empty(qs.shape[0], 2, 16, dtype=torch.uint8, device=qs.device)
-    torch.bitwise_and(qs, 0x0F, out=q[:, 0])
-    torch.bitwise_right_shift(qs, 4, out=q[:, 1])
+    words = _words(qs)
+    if words is None:
+        torch.bitwise_and(qs, 0x0F, out=q[:, 0])
+        torch.bitwise_right_shift(qs, 4, out=q[:, 1])
+        return q.view(qs.shape[0], 32)
+    mask = _NIBBLE_MASKS[words.dtype]
+    out = q.view(words.dtype)  # (n, 2, 16 / size)
+    torch.bitwise_and(words, mask, out=out[:, 0])
+    torch.bitwise_right_shift(words, 4, out=out[:, 1])
+    out[:, 1].bitwise_and_(mask)  # drop the next byte's low bits (and an arithmetic shift's sign)
     return q.view(qs.shape[0], 32)
+
+
+_NIBBLE_MASKS = {torch.int32: 0x0F0F0F0F, torch.int16: 0x0F0F}
+
+
+def _words(data: Tensor) -> Tensor | None:
+    """`data` (n, k) bytes viewed as int32 or int16 words without a copy where its layout allows
+    (little-endian machines only), else None."""
+    if sys.byteorder != "little" or data.stride(-1) != 1:
+        return None
+    for dtype in _NIBBLE_MASKS:
+        size = dtype.itemsize
+        if data.shape[-1] % size == 0 and data.storage_offset() % size == 0 and all(
+                stride % size == 0 for stride in data.stride()[:-1]):
+            return data.view(dtype)
+    return None
 
 
 def _q5(qh: Tensor, qs: Tensor) -> Tensor:
