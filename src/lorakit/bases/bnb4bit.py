@@ -25,7 +25,7 @@ from . import quant4
 from .compute import product_dtype
 from .frozen_product import frozen_linear
 from .protocol import MergeRefused
-from .linear4bit import frozen_dense_linear
+from .dense import frozen_dense_linear
 
 MERGE_REFUSED = ("cannot merge into a 4-bit base (bitsandbytes Linear4bit) in place: its weight is stored quantized; "
                  "keep the adapter unmerged, or merge_and_unload() for a model merged onto the de-quantized weights")

@@ -71,3 +71,13 @@ class DenseLinear:
 
     def assign(self, weight: Tensor) -> None:
         self.weight.data = weight.to(self.dtype)
+
+
+def frozen_dense_linear(weight: Tensor, bias: Tensor | None, training: bool) -> nn.Linear:
+    """A frozen nn.Linear holding `weight` (out, in) and a copy of `bias` in the weight's dtype:
+    the dense layer a quantized base stands for."""
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        dense.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True), requires_grad=False)
+    return dense.train(training)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import gguf_blocks
 from .compute import product_dtype
 from .frozen_product import frozen_linear
-from .linear4bit import frozen_dense_linear
+from .dense import frozen_dense_linear
 from .protocol import MergeRefused
 
 

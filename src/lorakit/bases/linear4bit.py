@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import quant4
 from .compute import product_dtype
+from .dense import frozen_dense_linear
 from .frozen_product import frozen_linear
 from .protocol import MergeRefused
 
@@ -114,16 +115,6 @@ def dequantize_linear(layer: Linear4bit, dtype: torch.dtype | None = None) -> nn
     """The dense nn.Linear `layer` stands for: W de-quantized (to its weight dtype, then `dtype`)
     and the bias, on its device; `layer` is untouched."""
     return frozen_dense_linear(layer.dequantize(dtype), layer.bias, layer.training)
-
-
-def frozen_dense_linear(weight: Tensor, bias: Tensor | None, training: bool) -> nn.Linear:
-    """A frozen nn.Linear holding `weight` (out, in) and a copy of `bias` in the weight's dtype:
-    the dense layer a quantized base stands for."""
-    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    dense.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        dense.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True), requires_grad=False)
-    return dense.train(training)
 
 
 def requantize_like(layer: Linear4bit, weight: Tensor, bias: Tensor | None) -> Linear4bit:

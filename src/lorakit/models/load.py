@@ -105,7 +105,7 @@ def packed_gguf_path(name_or_path: str) -> Path:
 # converts them to dense tensors once (the cached conversion); "auto" is packed wherever the packed
 # loader reads the file's architecture when PACKED_BY_DEFAULT, else dense. The rule: packed
 # is the default if its training step is within 10 % of the dense one (benchmarks/packed_speed.py;
-# the figures and the decision are in docs/gguf.md, "Training on the GGUF blocks").
+# the figures and the decision are in docs/gguf.md, "Training and running on the GGUF blocks").
 PACKED_BY_DEFAULT = True
 GGUF_BASES = ("auto", "packed", "dense")
 
