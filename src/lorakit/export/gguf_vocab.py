@@ -141,11 +141,8 @@ def _sentencepiece_vocab(tokenizer: PreTrainedTokenizerBase, spec: dict, vocab_s
     made_by = {}
     for rank, merge in enumerate(merges):
         made_by.setdefault(merge.replace(" ", "", 1), rank)
-    ids = {piece: i for i, piece in enumerate(tokens)}
-    scores = [0.0] * len(tokens)
-    for piece, i in ids.items():
-        if types[i] == NORMAL:
-            scores[i] = -float(made_by.get(piece, len(merges) + i))
+    scores = [-float(made_by.get(piece, len(merges) + i)) if kind == NORMAL else 0.0
+              for i, (piece, kind) in enumerate(zip(tokens, types))]
     return GGUFVocab("llama", None, tokens, types, None, *_specials(tokenizer), scores=scores,
                      add_space_prefix=_prepends_space(spec))
 

@@ -44,15 +44,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32")
     tokenizer = gguf_tokenizer(gguf_path, model.config.max_position_embeddings)
-    # The weights are plain floats now; a kept quantization_config would make later
-    # loads look for the GGUF file again.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    settle_gguf_config(model.config, tokenizer)
     model.hf_quantizer = None
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def settle_gguf_config(config, tokenizer: PreTrainedTokenizerBase) -> None:
+    """`config`, derived from a GGUF's metadata, made fit to save in a model directory: no
+    quantization_config (the weights lorakit saves or reads are not transformers' GGUF path, and a
+    kept one would make later loads look for the GGUF file again) and a pad token id (the
+    tokenizer's, where the file names none)."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 def gguf_cache_path(gguf_path: Path) -> Path:

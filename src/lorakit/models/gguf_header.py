@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .cache import build_dir_once
-from .gguf import gguf_cache_path, gguf_tokenizer, require_gguf
+from .gguf import gguf_cache_path, gguf_tokenizer, require_gguf, settle_gguf_config
 
 HEADER_NAME = "header.json"
 HEADER_VERSION = 1
@@ -109,8 +109,8 @@ def hf_dir(path: str | os.PathLike) -> Path:
     metadata (its `quantization_config` dropped, a pad token set), built once."""
     path = Path(path)
     read_header(path)  # the checks first: transformers' own errors on a corrupt file are no help
-    return build_dir_once(_cache_root(path).with_name(_cache_root(path).name + "-hf"),
-                          lambda tmp: _write_hf_files(path, tmp))
+    root = _cache_root(path)
+    return build_dir_once(root.with_name(root.name + "-hf"), lambda tmp: _write_hf_files(path, tmp))
 
 
 def _cache_root(path: Path) -> Path:
@@ -146,11 +146,7 @@ def _write_hf_files(path: Path, out: Path) -> None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are read by lorakit, not transformers' GGUF path
     tokenizer = gguf_tokenizer(path, config.max_position_embeddings)
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
+    settle_gguf_config(config, tokenizer)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
