@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BASE": "lora.routing",
     "Estimate": "estimate",
+    "LoftQConfig": "lora.config",
     "LoraConfig": "lora.config",
     "LoraModel": "lora.model",
     "PeftModel": "lora.peft_model",

@@ -20,6 +20,9 @@ only emulates 16-bit products). As bitsandbytes' matmul_4bit, the weight is de-q
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,8 +37,27 @@ MERGE_REFUSED = ("cannot merge into a 4-bit base (Linear4bit) in place: its weig
                  "unmerged, or merge_and_unload() for a model merged onto the de-quantized weights")
 
 
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a 4-bit layer's 16/32-bit weight was read from: a safetensors file and the tensor's key
+    (what LoftQ reads back, `lora.loftq`)."""
+
+    file: str | os.PathLike
+    key: str
+
+    def read(self) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_tensor(self.key)
+
+
 class Linear4bit(nn.Module):
-    """y = x W^T + b with W held as packed 4-bit codes; frozen (the codes take no gradient)."""
+    """y = x W^T + b with W held as packed 4-bit codes; frozen (the codes take no gradient).
+
+    `source` is the WeightSource its weight was quantized from when the streaming loader read it
+    from a checkpoint, else None.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = False, weight_dtype: torch.dtype = torch.float32,
@@ -46,6 +68,7 @@ class Linear4bit(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         self.weight_dtype, self.compute_dtype = weight_dtype, compute_dtype
+        self.source: WeightSource | None = None
         n = in_features * out_features
         blocks = -(-n // blocksize)
         self.register_buffer("weight", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device))

@@ -31,6 +31,34 @@ def _doc(default: Any, help: str) -> Any:
 
 
 @dataclass
+class LoftQConfig:
+    """PEFT's LoftQConfig: `loftq_bits` (4: NF4) and `loftq_iter`, the alternations T (>= 1)."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        checked_loftq_config(vars(self))
+
+
+def checked_loftq_config(value: Any) -> dict[str, int]:
+    """A LoftQConfig or its dict, as the dict a LoraConfig keeps; ValueError naming what is wrong."""
+    if isinstance(value, LoftQConfig):
+        value = vars(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"loftq_config: must be a LoftQConfig or a dict, got {type(value).__name__}")
+    unknown = sorted(set(value) - {"loftq_bits", "loftq_iter"})
+    if unknown:
+        raise ValueError(f"loftq_config: unknown key {unknown[0]!r} (known: loftq_bits, loftq_iter)")
+    bits, iters = value.get("loftq_bits", 4), value.get("loftq_iter", 1)
+    if bits != 4 or isinstance(bits, bool):
+        raise ValueError(f"loftq_config.loftq_bits: lorakit's LoftQ quantizes to 4 bits, got {bits!r}")
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+        raise ValueError(f"loftq_config.loftq_iter: must be an integer >= 1, got {iters!r}")
+    return {"loftq_bits": bits, "loftq_iter": iters}
+
+
+@dataclass
 class LoraConfig:
     """Which modules get a LoRA adapter and how it is shaped, initialised and scaled."""
 
@@ -45,9 +73,12 @@ class LoraConfig:
                                                      "the adapter): none, all, or those of adapted modules")
     use_rslora: bool = _doc(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
     modules_to_save: list[str] | None = _doc(None, "modules trained in full and saved beside the adapter")
-    init_lora_weights: bool | Literal["gaussian"] = _doc(
+    init_lora_weights: bool | Literal["gaussian", "loftq"] = _doc(
         True, "B starts at 0 (no change at first) with A Kaiming-uniform (true) or of std 1/r (gaussian); "
+              "loftq: base + adapter start near the 16/32-bit weights (a 4-bit base, see loftq_config); "
               "false: A and B both random (tests)")
+    loftq_config: dict[str, int] = _doc({}, "with init_lora_weights: loftq, {loftq_bits: 4, loftq_iter: T}: "
+                                        "T alternations of quantizing and a rank-r SVD (T > 1 rewrites the base)")
     layers_to_transform: list[int] | int | None = _doc(None, "adapt only these layer indices")
     layers_pattern: list[str] | str | None = _doc(None, "the module list holding the layers (e.g. layers); "
                                                   "with layers_to_transform")
@@ -73,6 +104,9 @@ class LoraConfig:
             self.layers_to_transform = list(self.layers_to_transform)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
+        if isinstance(self.loftq_config, (dict, LoftQConfig)) or not self.loftq_config:
+            self.loftq_config = dict(vars(self.loftq_config) if isinstance(self.loftq_config, LoftQConfig)
+                                     else self.loftq_config or {})
         self.validate()
 
     def validate(self) -> None:
@@ -83,10 +117,15 @@ class LoraConfig:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias: must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian", "loftq"):
             raise ValueError(
-                f"init_lora_weights: must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                f"init_lora_weights: must be True, False, 'gaussian' or 'loftq', got {self.init_lora_weights!r}"
             )
+        if self.init_lora_weights == "loftq":
+            self.loftq_config = checked_loftq_config(self.loftq_config)
+        elif self.loftq_config:  # as PEFT: ignored, with a warning
+            warnings.warn("loftq_config is ignored unless init_lora_weights='loftq'", stacklevel=3)
+            self.loftq_config = {}
         if self.peft_type != "LORA":
             raise ValueError(f"peft_type: must be 'LORA' for a LoraConfig, got {self.peft_type!r}")
         if self.use_dora and self.lora_bias:
@@ -129,9 +168,14 @@ class LoraConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write adapter_config.json. The file describes the trained adapter, so a LoftQ start is
+        written as init_lora_weights true (PEFT would run LoftQ again, on CUDA, to load it)."""
         from .io import atomic_write_bytes
 
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        data = self.to_dict()
+        if data["init_lora_weights"] == "loftq":
+            data["init_lora_weights"], data["loftq_config"] = True, {}
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
 
     @classmethod

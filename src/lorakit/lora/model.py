@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
-from . import quantized_merge
+from . import loftq, quantized_merge
 from ..fast import attention, fusion
 from .config import LoraConfig
 from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper, wrapper_for
@@ -69,6 +69,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches")
         config = copy.deepcopy(config)
         targets = find_targets(self.model, config)
+        starts = loftq.plan(self.model, targets) if config.init_lora_weights == "loftq" else None
         for p in self.model.parameters():
             p.requires_grad_(False)
         for name in targets:
@@ -81,12 +82,14 @@ class LoraModel(nn.Module):
                 r=config.rank_for(name),
                 lora_alpha=config.alpha_for(name),
                 lora_dropout=config.lora_dropout,
-                init_lora_weights=config.init_lora_weights,
+                init_lora_weights=True if starts is not None else config.init_lora_weights,
                 use_rslora=config.use_rslora,
                 use_dora=config.use_dora,
                 lora_bias=config.lora_bias,
                 autocast_adapter_dtype=self.autocast_adapter_dtype,
             )
+        if starts is not None:
+            loftq.initialise(self.model, starts, adapter_name, config.loftq_config["loftq_iter"])
         self._add_saved_modules(adapter_name, config)
         for name in targets:  # new dropout modules follow the model's train/eval mode
             layer = self.model.get_submodule(name)
@@ -257,6 +260,20 @@ class LoraModel(nn.Module):
         """Remove every adapter without merging; returns the original base model."""
         self.unmerge_adapter()
         return self._unload(keep=[])
+
+    @contextmanager
+    def base_only(self) -> Iterator[nn.Module]:
+        """The base model with each wrapped module's base back in its place (to save the base as
+        it is, e.g. a 4-bit base LoftQ rewrote); the adapters are put back on exit."""
+        swapped = [(n, m, m.base_layer) for n, m in self.lora_layers()]
+        swapped += [(n, m, m.original_module) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        for name, _, base in swapped:
+            self.model.set_submodule(name, base)
+        try:
+            yield self.model
+        finally:
+            for name, wrapper, _ in swapped:
+                self.model.set_submodule(name, wrapper)
 
     def _unload(self, keep: Sequence[str]) -> nn.Module:
         # keep a copy of the adapters so that save_pretrained still works afterwards (the seed's

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..bases.linear4bit import Linear4bit
+from ..bases.linear4bit import Linear4bit, WeightSource
 from ..bases.quant_config import QuantConfig
 from .quantize import check_targets, linear_targets
 
@@ -249,6 +249,7 @@ def load_streaming(directory: str | os.PathLike, config: QuantConfig | str = "nf
             if not exact_cast(stored.dtype, layer.weight_dtype):
                 stored = stored.to(layer.weight_dtype)  # as from_pretrained casts before quantize_model
             layer.quantize_(stored)  # on the layer's device
+            layer.source = WeightSource(entry.file, key)
             del stored
         elif owner in layers:  # a 4-bit layer's bias
             read_into(entry, key, layers[owner].bias.data)

@@ -224,8 +224,17 @@ class TrainConfig(LoraOptions):
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"gguf_base: {err}") from None
 
+    def rewrites_base(self) -> bool:
+        """Whether the run's LoftQ start changes the 4-bit base's codes (loftq_iter > 1), so that the
+        adapter needs that base, saved beside it."""
+        return (self.method == "lora" and self.init_lora_weights == "loftq"
+                and self.lora_config().loftq_config["loftq_iter"] > 1)
+
     def _check_quantization(self) -> None:
         if self.quantize == "none":
+            if self.method == "lora" and self.init_lora_weights == "loftq":
+                raise ConfigError("init_lora_weights: loftq starts the adapter against a 4-bit base; "
+                                  "set quantize: nf4 (or fp4) too")
             for name, unset in (("double_quant", True), ("compute_dtype", "auto")):
                 if getattr(self, name) != unset:
                     raise ConfigError(f"{name}: applies to a 4-bit base only; set quantize: nf4 (or fp4) too")

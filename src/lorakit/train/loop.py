@@ -119,6 +119,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, started: flo
     barrier(world)  # every rank has checked output_dir before rank 0 changes it
     if world.is_main:
         prepare_output_dir(out, overwrite=config.overwrite, resuming=resuming)
+        setup.save_rewritten_base(model, config, tokenizer)
     start = 0
     if resume_from is not None:
         start = load_checkpoint(resume_from, params, optimizer, place=parallel.shard_like).step

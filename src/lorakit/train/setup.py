@@ -27,6 +27,9 @@ TRAJECTORY = (
 )
 
 
+LOFTQ_BASE = "base"  # under output_dir: the base a LoftQ start rewrote (TrainConfig.rewrites_base)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -81,7 +84,7 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
     if config.method == "lora":
         from lorakit import get_peft_model
 
-        lora = config.lora_config(task_type="CAUSAL_LM", base_model_name_or_path=base_model_name(config.model))
+        lora = config.lora_config(task_type="CAUSAL_LM", base_model_name_or_path=adapter_base(config))
         check_serving(model, lora, config.serve_targets())
         model = get_peft_model(model, lora)
     else:
@@ -116,6 +119,24 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+
+
+def adapter_base(config: TrainConfig) -> str:
+    """The base adapter_config.json names: the run's own saved base when LoftQ rewrote it."""
+    if config.rewrites_base():
+        return str((Path(config.output_dir) / LOFTQ_BASE).expanduser().resolve())
+    return base_model_name(config.model)
+
+
+def save_rewritten_base(model: nn.Module, config: TrainConfig, tokenizer: Any) -> None:
+    """Write the 4-bit base a LoftQ start rewrote to output_dir/base (a transformers + bitsandbytes
+    4-bit directory), the base the adapter was trained against; nothing for other runs."""
+    if not config.rewrites_base():
+        return
+    from lorakit.models.quantized import save_quantized
+
+    with model.base_model.base_only() as base:
+        save_quantized(base, adapter_base(config), tokenizer)
 
 
 def base_model_name(model: str) -> str:
