@@ -31,6 +31,7 @@ bench-all: bench
 	$(PY) benchmarks/generate_speed.py
 	$(PY) benchmarks/multi_adapter.py
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/loftq_start.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/estimate_vs_measured.py
 	$(PY) benchmarks/matmul_precision.py

@@ -22,12 +22,13 @@ def codes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n.replace(".base_layer", ""): m.weight for n, m in model.named_modules() if isinstance(m, Linear4bit)}
 
 
-def test_a_rewritten_base_is_saved_and_the_adapter_runs_on_it(base_config, tiny_model):
+def test_a_rewritten_base_is_saved_and_the_adapter_runs_on_it(base_config, tiny_model, capsys):
     config = load_train_config(None, ["quantize=nf4", "init_lora_weights=loftq", "loftq_config={loftq_iter: 3}"],
-                               **base_config, max_steps=6)
+                               **dict(base_config, quiet=False), max_steps=6)
     assert config.loftq_config == {"loftq_iter": 3} and config.rewrites_base()
     result = train(config)
     out = Path(base_config["output_dir"])
+    assert f"(double quant), LoftQ start (3 rounds; base saved in {out / 'base'}):" in capsys.readouterr().err
     run = losses(out)
     assert run[6] < run[1]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())

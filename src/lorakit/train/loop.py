@@ -393,6 +393,10 @@ def _describe(config: TrainConfig, stats: dict[str, Any], total: int, out: Path,
     share = 100 * stats["trainable_params"] / max(stats["total_params"], 1)
     if config.quantize != "none":
         method = f"Q{method} on a {config.quantize.upper()} base" + (" (double quant)" if config.double_quant else "")
+    if config.method == "lora" and config.init_lora_weights == "loftq":
+        rounds = config.lora_config().loftq_config["loftq_iter"]
+        method += f", LoftQ start ({rounds} round{'s' if rounds > 1 else ''}" + (
+            f"; base saved in {out / setup.LOFTQ_BASE})" if config.rewrites_base() else ")")
     level = config.frozen_matmul_precision
     precision = "" if level == "highest" else f", frozen products at {level} precision"
     per_rank = f"batch_size {config.batch_size} x grad_accum {config.grad_accum}"
