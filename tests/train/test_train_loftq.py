@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import losses
+from train_helpers import assert_resumes_as_uninterrupted, losses, poison_loss
 
 from lorakit import PeftModel
 from lorakit.bases.linear4bit import Linear4bit
 from lorakit.models import load_model
-from lorakit.train import ConfigError, TrainConfig, load_train_config, train
+from lorakit.train import ConfigError, TrainConfig, TrainingDiverged, load_train_config, train
+from lorakit.train import loop as train_loop
 
 PROMPT = torch.tensor([[5, 60, 70, 80, 90, 100, 33]])
 
@@ -64,11 +65,6 @@ def test_bad_loftq_recipes_are_one_line_errors(items, message, base_config):
 
 
 def test_a_resumed_loftq_run_continues_as_the_uninterrupted_one(base_config, monkeypatch, tmp_path):
-    from train_helpers import poison_loss
-
-    from lorakit.train import TrainingDiverged
-    from lorakit.train import loop as train_loop
-
     real = train_loop.causal_lm_loss
     poison_loss(monkeypatch, from_call=5)
     config = dict(base_config, max_steps=8, save_every=2, quantize="nf4", init_lora_weights="loftq",
@@ -78,9 +74,4 @@ def test_a_resumed_loftq_run_continues_as_the_uninterrupted_one(base_config, mon
     monkeypatch.setattr(train_loop, "causal_lm_loss", real)
     with pytest.raises(ConfigError, match="loftq_config"):  # a different start is a different run
         train(TrainConfig(**{**config, "loftq_config": {"loftq_iter": 3}}, resume="latest"))
-    train(TrainConfig(**config, resume="latest"))
-    train(TrainConfig(**dict(config, output_dir=str(tmp_path / "reference"))))
-    resumed, expected = losses(Path(config["output_dir"])), losses(tmp_path / "reference")
-    assert resumed.keys() == expected.keys() == set(range(1, 9))
-    for step in expected:
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-6)
+    assert_resumes_as_uninterrupted(config, tmp_path / "reference")

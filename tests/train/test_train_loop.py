@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import losses, poison_loss
+from train_helpers import assert_resumes_as_uninterrupted, losses, poison_loss
 from safetensors.torch import load_file
 
 from lorakit import PeftModel
@@ -130,13 +130,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(base_config, monk
 
     # the checkpoint is intact: resuming from it gives the uninterrupted run's losses
     monkeypatch.setattr(train_loop, "causal_lm_loss", real)
-    train(TrainConfig(**config, resume="latest"))
-    reference = dict(config, output_dir=str(tmp_path / "reference"))
-    train(TrainConfig(**reference))
-    resumed, expected = losses(out), losses(tmp_path / "reference")
-    assert resumed.keys() == expected.keys()
-    for step in expected:
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-6)
+    assert_resumes_as_uninterrupted(config, tmp_path / "reference")
 
 
 def test_resume_refuses_changed_options_and_missing_checkpoints(base_config):

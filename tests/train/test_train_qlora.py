@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import losses, poison_loss
+from train_helpers import assert_resumes_as_uninterrupted, losses, poison_loss
 
 from lorakit import PeftModel
 from lorakit.bases.linear4bit import Linear4bit
@@ -108,12 +108,7 @@ def test_resumed_4bit_run_continues_as_the_uninterrupted_one(base_config, monkey
     monkeypatch.setattr(train_loop, "causal_lm_loss", real)
     with pytest.raises(ConfigError, match="trained with quantize='nf4', but this config has quantize='fp4'"):
         train(TrainConfig(**{**config, "quantize": "fp4"}, resume="latest"))
-    train(TrainConfig(**config, resume="latest"))
-    train(TrainConfig(**dict(config, output_dir=str(tmp_path / "reference"))))
-    resumed, expected = losses(Path(config["output_dir"])), losses(tmp_path / "reference")
-    assert resumed.keys() == expected.keys() == set(range(1, 9))
-    for step in expected:
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-6)
+    assert_resumes_as_uninterrupted(config, tmp_path / "reference")
 
 
 def test_dora_trains_on_a_4bit_base(base_config, tiny_model):

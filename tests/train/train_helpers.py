@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> logged train loss, from a run's metrics.jsonl."""
@@ -25,3 +27,16 @@ def poison_loss(monkeypatch, from_call: int) -> None:
         return (loss * float("nan") if len(calls) >= from_call else loss), n
 
     monkeypatch.setattr(train_loop, "causal_lm_loss", poisoned)
+
+
+def assert_resumes_as_uninterrupted(config: dict, reference_dir: Path) -> None:
+    """Resume the interrupted run of `config` (resume=latest), then run it whole in `reference_dir`:
+    the logged losses agree at every step, 1 to max_steps (within 1e-6)."""
+    from lorakit.train import TrainConfig, train
+
+    train(TrainConfig(**config, resume="latest"))
+    train(TrainConfig(**dict(config, output_dir=str(reference_dir))))
+    resumed, expected = losses(Path(config["output_dir"])), losses(reference_dir)
+    assert resumed.keys() == expected.keys() == set(range(1, config["max_steps"] + 1))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), f"step {step}"
