@@ -19,19 +19,6 @@ import torch
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@torch.no_grad()
-def answer_loss(model, examples) -> float:
-    total, count = 0.0, 0
-    for example in examples:
-        ids = torch.tensor([example.input_ids])
-        labels = torch.tensor(example.labels[1:])
-        logits = model(ids).logits[0, :-1].float()
-        kept = labels != -100
-        total += torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum").item()
-        count += int(kept.sum())
-    return total / count
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", default="1,5,10", help="comma list of LoftQ rounds, one row each")
@@ -40,6 +27,10 @@ def main() -> int:
     from lorakit import LoftQConfig, LoraConfig, get_peft_model, load_model
     from lorakit.data import load_records, tokenize_records
     from lorakit.demo.run import find_data_dir
+    from lorakit.train import evaluate_loss
+
+    def answer_loss(model, examples) -> float:  # the trainer's held-out loss, one example a batch (no padding)
+        return evaluate_loss(model, examples, 1, tokenizer.pad_token_id, torch.device("cpu"))
 
     dense, tokenizer = load_model("smollm2-135m", packed=False)
     examples = tokenize_records(load_records(find_data_dir() / "heldout.jsonl"), tokenizer, 96).examples

@@ -42,9 +42,7 @@ class LoftQConfig:
 
 
 def checked_loftq_config(value: Any) -> dict[str, int]:
-    """A LoftQConfig or its dict, as the dict a LoraConfig keeps; ValueError naming what is wrong."""
-    if isinstance(value, LoftQConfig):
-        value = vars(value)
+    """A LoftQConfig's dict as a LoraConfig keeps it, defaults filled in; ValueError naming what is wrong."""
     if not isinstance(value, dict):
         raise ValueError(f"loftq_config: must be a LoftQConfig or a dict, got {type(value).__name__}")
     unknown = sorted(set(value) - {"loftq_bits", "loftq_iter"})
@@ -104,9 +102,9 @@ class LoraConfig:
             self.layers_to_transform = list(self.layers_to_transform)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
-        if isinstance(self.loftq_config, (dict, LoftQConfig)) or not self.loftq_config:
-            self.loftq_config = dict(vars(self.loftq_config) if isinstance(self.loftq_config, LoftQConfig)
-                                     else self.loftq_config or {})
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = vars(self.loftq_config)
+        self.loftq_config = dict(self.loftq_config) if isinstance(self.loftq_config, dict) else self.loftq_config or {}
         self.validate()
 
     def validate(self) -> None:
@@ -167,15 +165,19 @@ class LoraConfig:
             raise ValueError(f"adapter is of peft_type {data['peft_type']!r}; lorakit loads LORA adapters only")
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def as_trained(self) -> "LoraConfig":
+        """This config for an adapter whose weights exist (saved, or read from a file): a LoftQ start
+        becomes init_lora_weights true, since the start is behind it (PEFT would run LoftQ again, on
+        CUDA, to load a file that says "loftq"; lorakit would rewrite the base for nothing)."""
+        if self.init_lora_weights != "loftq":
+            return self
+        return dataclasses.replace(self, init_lora_weights=True, loftq_config={})
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write adapter_config.json. The file describes the trained adapter, so a LoftQ start is
-        written as init_lora_weights true (PEFT would run LoftQ again, on CUDA, to load it)."""
+        """Write adapter_config.json, describing the trained adapter (`as_trained`)."""
         from .io import atomic_write_bytes
 
-        data = self.to_dict()
-        if data["init_lora_weights"] == "loftq":
-            data["init_lora_weights"], data["loftq_config"] = True, {}
-        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        text = json.dumps(self.as_trained().to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
 
     @classmethod

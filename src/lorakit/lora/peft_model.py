@@ -6,7 +6,6 @@ with every call (see routing.py), so handles never disturb each other, even acro
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import sys
@@ -333,8 +332,7 @@ def _load_into(
     else:
         config = config or LoraConfig.from_pretrained(model_id)
         tensors = load_adapter_weights(model_id)
-    if config.init_lora_weights == "loftq":  # the weights come from the file: never rewrite the base for them
-        config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
+    config = config.as_trained()  # the weights come from the file
     config.inference_mode = not is_trainable
     owner.add_adapter(name, config)
     try:

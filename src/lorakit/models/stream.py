@@ -93,10 +93,7 @@ def read_headers(files: list[Path]) -> dict[str, Entry]:
 
 def read_tensor(entry: Entry, key: str) -> Tensor:
     """One tensor as stored (backed by its file's mapping until the tensor is dropped)."""
-    from safetensors import safe_open
-
-    with safe_open(entry.file, framework="pt") as f:
-        return f.get_tensor(key)
+    return WeightSource(entry.file, key).read()
 
 
 def read_into(entry: Entry, key: str, out: Tensor) -> Tensor:
@@ -245,11 +242,11 @@ def load_streaming(directory: str | os.PathLike, config: QuantConfig | str = "nf
         owner, _, leaf = name.rpartition(".")
         if owner in layers and leaf == "weight":
             layer = layers[owner]
-            stored = read_tensor(entry, key)
+            layer.source = WeightSource(entry.file, key)  # what a LoftQ start reads back (lora.loftq)
+            stored = layer.source.read()
             if not exact_cast(stored.dtype, layer.weight_dtype):
                 stored = stored.to(layer.weight_dtype)  # as from_pretrained casts before quantize_model
             layer.quantize_(stored)  # on the layer's device
-            layer.source = WeightSource(entry.file, key)
             del stored
         elif owner in layers:  # a 4-bit layer's bias
             read_into(entry, key, layers[owner].bias.data)

@@ -224,15 +224,20 @@ class TrainConfig(LoraOptions):
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"gguf_base: {err}") from None
 
+    def loftq_rounds(self) -> int:
+        """The LoftQ start's iterations (`loftq_config`'s loftq_iter, defaults filled in); 0: none."""
+        if self.method != "lora" or self.init_lora_weights != "loftq":
+            return 0
+        return self.lora_config().loftq_config["loftq_iter"]
+
     def rewrites_base(self) -> bool:
-        """Whether the run's LoftQ start changes the 4-bit base's codes (loftq_iter > 1), so that the
-        adapter needs that base, saved beside it."""
-        return (self.method == "lora" and self.init_lora_weights == "loftq"
-                and self.lora_config().loftq_config["loftq_iter"] > 1)
+        """Whether the run's LoftQ start changes the 4-bit base's codes (more than one iteration), so
+        that the adapter needs that base, saved beside it."""
+        return self.loftq_rounds() > 1
 
     def _check_quantization(self) -> None:
         if self.quantize == "none":
-            if self.method == "lora" and self.init_lora_weights == "loftq":
+            if self.loftq_rounds():
                 raise ConfigError("init_lora_weights: loftq starts the adapter against a 4-bit base; "
                                   "set quantize: nf4 (or fp4) too")
             for name, unset in (("double_quant", True), ("compute_dtype", "auto")):

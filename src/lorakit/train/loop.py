@@ -393,8 +393,8 @@ def _describe(config: TrainConfig, stats: dict[str, Any], total: int, out: Path,
     share = 100 * stats["trainable_params"] / max(stats["total_params"], 1)
     if config.quantize != "none":
         method = f"Q{method} on a {config.quantize.upper()} base" + (" (double quant)" if config.double_quant else "")
-    if config.method == "lora" and config.init_lora_weights == "loftq":
-        rounds = config.lora_config().loftq_config["loftq_iter"]
+    rounds = config.loftq_rounds()
+    if rounds:
         method += f", LoftQ start ({rounds} round{'s' if rounds > 1 else ''}" + (
             f"; base saved in {out / setup.LOFTQ_BASE})" if config.rewrites_base() else ")")
     level = config.frozen_matmul_precision
